@@ -1,0 +1,32 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+pub mod error;
+pub mod limits;
+pub mod message;
+pub mod metrics;
+pub mod relay;
+pub mod retry;
+pub mod router;
+pub mod signal;
+pub mod store;
+pub mod transport;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use error::{Error, ErrorKind, Result, ValidationError};
+pub use message::{Headers, Message, MessageBuilder, MessageId};
+pub use relay::{Relay, RelayBuilder, RelayConfig, RelayReport, StateName};
+pub use retry::RetryPolicy;
+pub use router::{Route, Router, RouterBuilder};
+pub use signal::Signal;
+pub use store::{
+    Claim, ClaimRequest, DeadLetter, DeadLetters, Failure, FencingToken, Lease, Purge, RelayId,
+    Retry, Selector, SettleReport, Settlement, Stats, Store,
+};
+pub use transport::{PublishResult, Transport, TransportExt};
+
+/// Re-exported so applications need not depend on tokio-util for the
+/// token that stops a relay.
+pub use tokio_util::sync::CancellationToken;

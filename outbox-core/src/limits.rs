@@ -1,0 +1,15 @@
+//! Limits every message is checked against, chosen so that any supported
+//! broker can carry a message that passes.
+
+/// Longest topic in bytes (Kafka's topic-name limit is 249).
+pub const MAX_TOPIC_LEN: usize = 249;
+/// Longest key in bytes.
+pub const MAX_KEY_LEN: usize = 1024;
+/// Most headers on one message.
+pub const MAX_HEADERS: usize = 64;
+/// Longest header name in bytes (AMQP field names are at most 128).
+pub const MAX_HEADER_NAME_LEN: usize = 128;
+/// Longest header value in bytes.
+pub const MAX_HEADER_VALUE_LEN: usize = 4096;
+/// Default payload limit (1 MiB, the default NATS max_payload).
+pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;

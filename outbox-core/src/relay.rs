@@ -1,0 +1,799 @@
+//! The [`Relay`]: claims messages from a [`Store`], publishes them through a
+//! [`Transport`] and settles the outcome, as an explicit state machine.
+//!
+//! ```text
+//!             wake (notify / signal / poll)          non-empty claim
+//!   ┌──────┐ ───────────────────────────▶ ┌──────────┐ ────────────▶ ┌────────────┐
+//!   │ Idle │                              │ Claiming │               │ Publishing │
+//!   └──────┘ ◀─────────────────────────── └──────────┘               └────────────┘
+//!      ▲            empty claim              ▲    │ store error             │
+//!      │                                     │    ▼                         ▼
+//!      │        batch was not full      ┌────────────┐  batch full   ┌──────────┐
+//!      └─────────────────────────────── │ BackingOff │ ◀──────────── │ Settling │
+//!                                       └────────────┘  (→ Claiming) └──────────┘
+//!   cancellation in any state ──▶ Stopping (in-flight publish finishes or its rows are released)
+//! ```
+//!
+//! Per-key order: a claim is published in waves, the first message of each
+//! key in the first wave, the second in the second, and so on (messages
+//! without a key all go in the first wave). When a message fails, later
+//! messages of its key in the claim are not published but released, and the
+//! store keeps them behind the failed one until its retry.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info_span, warn, Instrument};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::Message;
+use crate::metrics as names;
+use crate::retry::RetryPolicy;
+use crate::signal::Signal;
+use crate::store::{
+    Claim, ClaimRequest, Failure, Lease, RelayId, Retry, SettleReport, Settlement, Store,
+};
+use crate::transport::{missing_result, Transport};
+
+/// Relay settings. Build them with [`RelayBuilder`]; every field has a default.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct RelayConfig {
+    /// Most messages per claim (default 500).
+    pub batch_size: usize,
+    /// How long a claim is held before another relay may take it (default 30 s).
+    pub lease: Duration,
+    /// How often an idle relay looks for work when nothing wakes it (default 1 s).
+    pub poll_interval: Duration,
+    /// Failed attempts after which a transiently failing message is
+    /// dead-lettered (default 10).
+    pub max_attempts: u32,
+    /// Backoff between attempts of a failed message.
+    pub retry: RetryPolicy,
+    /// Backoff while the store itself fails (claim or settle errors).
+    pub store_retry: RetryPolicy,
+    /// Most messages handed to the transport in one call; larger waves are
+    /// published in several calls, one after another (default 1,000).
+    pub max_in_flight: usize,
+    /// How long a stopping relay waits for an in-flight publish before it
+    /// releases the rows instead (default 10 s).
+    pub shutdown_timeout: Duration,
+    /// How often an idle relay refreshes the backlog gauges (default 15 s).
+    pub stats_interval: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            batch_size: 500,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            max_attempts: 10,
+            retry: RetryPolicy::default(),
+            store_retry: RetryPolicy::exponential(
+                Duration::from_millis(100),
+                2.0,
+                Duration::from_secs(10),
+            ),
+            max_in_flight: 1000,
+            shutdown_timeout: Duration::from_secs(10),
+            stats_interval: Duration::from_secs(15),
+        }
+    }
+}
+
+impl RelayConfig {
+    fn check(&self) -> Result<()> {
+        let bad =
+            |m: &str| Err(Error::permanent(ErrorKind::Config, m.to_string()).with_backend("relay"));
+        if self.batch_size == 0 {
+            return bad("batch_size must be at least 1");
+        }
+        if self.lease < Duration::from_millis(10) {
+            return bad("lease must be at least 10 ms");
+        }
+        if self.poll_interval.is_zero() {
+            return bad("poll_interval must be more than zero");
+        }
+        if self.max_attempts == 0 {
+            return bad("max_attempts must be at least 1");
+        }
+        if self.max_in_flight == 0 {
+            return bad("max_in_flight must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Builds a [`Relay`].
+#[must_use]
+pub struct RelayBuilder {
+    store: Arc<dyn Store>,
+    transport: Arc<dyn Transport>,
+    config: RelayConfig,
+    id: Option<RelayId>,
+    signal: Option<Signal>,
+}
+
+impl RelayBuilder {
+    /// Replaces every setting at once.
+    pub fn config(mut self, config: RelayConfig) -> Self {
+        self.config = config;
+        self
+    }
+    /// Most messages per claim.
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.config.batch_size = n;
+        self
+    }
+    /// Lease length.
+    pub fn lease(mut self, d: Duration) -> Self {
+        self.config.lease = d;
+        self
+    }
+    /// Fallback poll interval.
+    pub fn poll_interval(mut self, d: Duration) -> Self {
+        self.config.poll_interval = d;
+        self
+    }
+    /// Failed attempts before dead-lettering.
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.config.max_attempts = n;
+        self
+    }
+    /// Backoff between attempts of a failed message.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.config.retry = policy;
+        self
+    }
+    /// Backoff while the store fails.
+    pub fn store_retry(mut self, policy: RetryPolicy) -> Self {
+        self.config.store_retry = policy;
+        self
+    }
+    /// Most messages per transport call (the publish concurrency limit).
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.config.max_in_flight = n;
+        self
+    }
+    /// How long shutdown waits for an in-flight publish.
+    pub fn shutdown_timeout(mut self, d: Duration) -> Self {
+        self.config.shutdown_timeout = d;
+        self
+    }
+    /// How often idle relays refresh backlog gauges.
+    pub fn stats_interval(mut self, d: Duration) -> Self {
+        self.config.stats_interval = d;
+        self
+    }
+    /// The lease owner name (default: generated, `relay-<pid>-<random>`).
+    pub fn id(mut self, id: RelayId) -> Self {
+        self.id = Some(id);
+        self
+    }
+    /// An in-process wakeup the application notifies after enqueuing.
+    pub fn signal(mut self, signal: Signal) -> Self {
+        self.signal = Some(signal);
+        self
+    }
+    /// Checks the settings and returns the relay.
+    pub fn build(self) -> Result<Relay> {
+        self.config.check()?;
+        Ok(Relay {
+            store: self.store,
+            transport: self.transport,
+            config: self.config,
+            id: self.id.unwrap_or_else(|| RelayId::generate("relay")),
+            signal: self.signal.unwrap_or_default(),
+        })
+    }
+}
+
+/// The states of [`Relay::run`], named in logs and in the
+/// `outbox_relay_transitions_total` metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StateName {
+    /// Waiting for a wakeup or the poll interval.
+    Idle,
+    /// Asking the store for a batch.
+    Claiming,
+    /// Publishing a claimed batch.
+    Publishing,
+    /// Writing the outcome back to the store.
+    Settling,
+    /// Waiting after a store error.
+    BackingOff,
+    /// Finishing up after cancellation.
+    Stopping,
+}
+
+impl StateName {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateName::Idle => "idle",
+            StateName::Claiming => "claiming",
+            StateName::Publishing => "publishing",
+            StateName::Settling => "settling",
+            StateName::BackingOff => "backing_off",
+            StateName::Stopping => "stopping",
+        }
+    }
+}
+
+enum State {
+    Idle,
+    Claiming,
+    Publishing(Claim),
+    Settling {
+        lease: Lease,
+        settlement: Settlement,
+        full: bool,
+    },
+    BackingOff(Duration),
+    Stopping,
+}
+
+impl State {
+    fn name(&self) -> StateName {
+        match self {
+            State::Idle => StateName::Idle,
+            State::Claiming => StateName::Claiming,
+            State::Publishing(_) => StateName::Publishing,
+            State::Settling { .. } => StateName::Settling,
+            State::BackingOff(_) => StateName::BackingOff,
+            State::Stopping => StateName::Stopping,
+        }
+    }
+}
+
+/// What a relay did, summed over a run or one batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayReport {
+    /// Non-empty claims.
+    pub batches: u64,
+    /// Messages acknowledged by the broker and settled.
+    pub published: u64,
+    /// Messages rescheduled after a transient failure.
+    pub retried: u64,
+    /// Messages dead-lettered.
+    pub dead_lettered: u64,
+    /// Messages released unpublished (behind a failed key, or at shutdown).
+    pub released: u64,
+    /// Settled rows that had been taken over by another relay meanwhile.
+    pub lease_lost: u64,
+}
+
+impl RelayReport {
+    fn add(&mut self, o: &RelayReport) {
+        self.batches += o.batches;
+        self.published += o.published;
+        self.retried += o.retried;
+        self.dead_lettered += o.dead_lettered;
+        self.released += o.released;
+        self.lease_lost += o.lease_lost;
+    }
+}
+
+/// Claims, publishes and settles outbox messages until cancelled.
+///
+/// One relay per process is the normal case; several relays (in one process
+/// or many) cooperate through the store's leases, never through memory.
+pub struct Relay {
+    store: Arc<dyn Store>,
+    transport: Arc<dyn Transport>,
+    config: RelayConfig,
+    id: RelayId,
+    signal: Signal,
+}
+
+impl fmt::Debug for Relay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Relay")
+            .field("id", &self.id)
+            .field("store", &self.store.name())
+            .field("transport", &self.transport.name())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Relay {
+    /// Starts building a relay over `store` and `transport` (often a
+    /// [`Router`](crate::Router)).
+    pub fn builder(store: Arc<dyn Store>, transport: Arc<dyn Transport>) -> RelayBuilder {
+        RelayBuilder {
+            store,
+            transport,
+            config: RelayConfig::default(),
+            id: None,
+            signal: None,
+        }
+    }
+
+    /// The lease owner name.
+    pub fn id(&self) -> &RelayId {
+        &self.id
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &RelayConfig {
+        &self.config
+    }
+
+    /// The in-process wakeup: notify it after committing an enqueue.
+    pub fn signal(&self) -> Signal {
+        self.signal.clone()
+    }
+
+    /// Runs until `cancel` fires, then stops gracefully: an in-flight publish
+    /// finishes (up to the shutdown timeout) and is settled, unpublished rows
+    /// are released, so nothing stays leased. Store errors never end the run;
+    /// they are logged, counted and retried with backoff.
+    pub async fn run(&self, cancel: CancellationToken) -> RelayReport {
+        let mut total = RelayReport::default();
+        let mut state = State::Idle;
+        let mut store_failures = 0u32;
+        let mut last_stats: Option<Instant> = None;
+        let store_label = self.store.name().to_string();
+        loop {
+            let from = state.name();
+            state = match state {
+                State::Idle => {
+                    if last_stats.is_none_or(|t| t.elapsed() >= self.config.stats_interval) {
+                        last_stats = Some(Instant::now());
+                        self.record_stats(&store_label).await;
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => State::Stopping,
+                        _ = self.store.notified() => State::Claiming,
+                        _ = self.signal.notified() => State::Claiming,
+                        _ = tokio::time::sleep(self.config.poll_interval) => State::Claiming,
+                    }
+                }
+                State::Claiming if cancel.is_cancelled() => State::Stopping,
+                State::Claiming => match self.claim().await {
+                    Ok(claim) if claim.messages.is_empty() => {
+                        store_failures = 0;
+                        State::Idle
+                    }
+                    Ok(claim) => {
+                        store_failures = 0;
+                        State::Publishing(claim)
+                    }
+                    Err(e) => {
+                        store_failures += 1;
+                        self.store_error("claim", &e);
+                        State::BackingOff(self.config.store_retry.delay(store_failures))
+                    }
+                },
+                State::Publishing(claim) => {
+                    let full = claim.messages.len() >= self.config.batch_size;
+                    let settlement = self.publish(&claim.messages, Some(&cancel)).await;
+                    State::Settling {
+                        lease: claim.lease,
+                        settlement,
+                        full,
+                    }
+                }
+                State::Settling {
+                    lease,
+                    settlement,
+                    full,
+                } => match self.settle(&lease, &settlement, &cancel).await {
+                    Ok(report) => {
+                        total.add(&report);
+                        if cancel.is_cancelled() {
+                            State::Stopping
+                        } else if full {
+                            State::Claiming
+                        } else {
+                            State::Idle
+                        }
+                    }
+                    Err(_) => {
+                        store_failures += 1;
+                        if cancel.is_cancelled() {
+                            State::Stopping
+                        } else {
+                            State::BackingOff(self.config.store_retry.delay(store_failures))
+                        }
+                    }
+                },
+                State::BackingOff(delay) => {
+                    tokio::select! {
+                        _ = cancel.cancelled() => State::Stopping,
+                        _ = tokio::time::sleep(delay) => State::Claiming,
+                    }
+                }
+                State::Stopping => {
+                    self.transition(from, StateName::Stopping);
+                    if let Err(e) = self.transport.flush().await {
+                        warn!(relay = %self.id, error = %e, "transport flush failed at shutdown");
+                    }
+                    debug!(relay = %self.id, ?total, "relay stopped");
+                    return total;
+                }
+            };
+            let to = state.name();
+            if to != from {
+                self.transition(from, to);
+            }
+        }
+    }
+
+    /// Claims one batch, publishes it and settles it; returns what happened
+    /// (an empty report when there was nothing to claim). Useful in tests and
+    /// in programs that drive the relay themselves.
+    pub async fn relay_once(&self) -> Result<RelayReport> {
+        let claim = self.claim().await?;
+        if claim.messages.is_empty() {
+            return Ok(RelayReport::default());
+        }
+        let settlement = self.publish(&claim.messages, None).await;
+        self.settle(&claim.lease, &settlement, &CancellationToken::new())
+            .await
+    }
+
+    /// Calls [`relay_once`](Self::relay_once) until a claim comes back empty.
+    /// Messages waiting for a retry are not waited for.
+    pub async fn drain(&self) -> Result<RelayReport> {
+        let mut total = RelayReport::default();
+        loop {
+            let r = self.relay_once().await?;
+            if r.batches == 0 {
+                return Ok(total);
+            }
+            total.add(&r);
+        }
+    }
+
+    fn transition(&self, from: StateName, to: StateName) {
+        debug!(relay = %self.id, from = from.as_str(), to = to.as_str(), "relay state");
+        metrics::counter!(names::RELAY_TRANSITIONS, "state" => to.as_str()).increment(1);
+    }
+
+    fn store_error(&self, operation: &'static str, e: &Error) {
+        let store = self.store.name().to_string();
+        metrics::counter!(names::STORE_ERRORS, "store" => store, "operation" => operation)
+            .increment(1);
+        if e.is_transient() {
+            warn!(relay = %self.id, operation, error = %e, "store call failed, backing off");
+        } else {
+            error!(relay = %self.id, operation, error = %e, "store call failed permanently, backing off");
+        }
+    }
+
+    async fn record_stats(&self, store: &str) {
+        match self.store.stats().await {
+            Ok(Some(s)) => {
+                metrics::gauge!(names::BACKLOG, "store" => store.to_string()).set(s.backlog as f64);
+                metrics::gauge!(names::DEAD, "store" => store.to_string()).set(s.dead as f64);
+                metrics::gauge!(names::OLDEST_PENDING_AGE, "store" => store.to_string())
+                    .set(s.oldest_pending_age.map_or(0.0, |d| d.as_secs_f64()));
+            }
+            Ok(None) => {}
+            Err(e) => self.store_error("stats", &e),
+        }
+    }
+
+    async fn claim(&self) -> Result<Claim> {
+        let request = ClaimRequest {
+            owner: self.id.clone(),
+            limit: self.config.batch_size,
+            lease: self.config.lease,
+        };
+        let store = self.store.name();
+        let span =
+            info_span!("outbox.claim", store, relay = %self.id, count = tracing::field::Empty);
+        let started = Instant::now();
+        let claim = self.store.claim(&request).instrument(span.clone()).await?;
+        span.record("count", claim.messages.len());
+        metrics::histogram!(names::CLAIM_DURATION, "store" => store.to_string())
+            .record(started.elapsed().as_secs_f64());
+        if !claim.messages.is_empty() {
+            metrics::histogram!(names::BATCH_SIZE, "store" => store.to_string())
+                .record(claim.messages.len() as f64);
+        }
+        Ok(claim)
+    }
+
+    /// Publishes a claim in waves that keep per-key order and returns its
+    /// settlement. With a cancellation token, no new wave starts after it
+    /// fires and an in-flight call gets the shutdown timeout to finish.
+    async fn publish(
+        &self,
+        messages: &[Message],
+        cancel: Option<&CancellationToken>,
+    ) -> Settlement {
+        let mut settlement = Settlement::default();
+        let mut blocked: HashSet<String> = HashSet::new();
+        let mut batch: Vec<Message> = Vec::new();
+        for wave in waves(messages) {
+            // The common case, one wave holding the whole claim, needs no copy.
+            let wave_messages: &[Message] = if wave.len() == messages.len() {
+                messages
+            } else {
+                batch.clear();
+                for &i in &wave {
+                    let m = &messages[i];
+                    match &m.key {
+                        Some(k) if blocked.contains(k) => settlement.released.push(m.id),
+                        _ => batch.push(m.clone()),
+                    }
+                }
+                &batch
+            };
+            for chunk in wave_messages.chunks(self.config.max_in_flight) {
+                if cancel.is_some_and(|c| c.is_cancelled()) {
+                    settlement.released.extend(chunk.iter().map(|m| m.id));
+                    continue;
+                }
+                let Some(results) = self.publish_chunk(chunk, cancel).await else {
+                    // Shutdown gave up waiting: the outcome is unknown, so the
+                    // rows are published again later under the same ids.
+                    settlement.released.extend(chunk.iter().map(|m| m.id));
+                    continue;
+                };
+                for (m, result) in chunk.iter().zip(results) {
+                    match result {
+                        Ok(()) => settlement.delivered.push(m.id),
+                        Err(e) => {
+                            if let Some(k) = &m.key {
+                                blocked.insert(k.clone());
+                            }
+                            self.fail(m, &e, &mut settlement);
+                        }
+                    }
+                }
+            }
+        }
+        settlement
+    }
+
+    /// Publishes one chunk; `None` when a shutdown gave up waiting for it.
+    async fn publish_chunk(
+        &self,
+        chunk: &[Message],
+        cancel: Option<&CancellationToken>,
+    ) -> Option<Vec<Result<()>>> {
+        let transport_name = self.transport.name().to_string();
+        let topic = if chunk.iter().all(|m| m.topic == chunk[0].topic) {
+            chunk[0].topic.as_str()
+        } else {
+            "(mixed)"
+        };
+        let span =
+            info_span!("outbox.publish", transport = %transport_name, topic, count = chunk.len());
+        let started = Instant::now();
+        let call = self.transport.publish_batch(chunk).instrument(span);
+        let mut results = match cancel {
+            None => call.await,
+            Some(cancel) => {
+                tokio::pin!(call);
+                tokio::select! {
+                    r = &mut call => r,
+                    _ = cancel.cancelled() => {
+                        match tokio::time::timeout(self.config.shutdown_timeout, call).await {
+                            Ok(r) => r,
+                            Err(_) => {
+                                warn!(relay = %self.id, count = chunk.len(), "shutdown timeout: releasing an unfinished publish");
+                                return None;
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        metrics::histogram!(names::PUBLISH_DURATION, "transport" => transport_name.clone())
+            .record(started.elapsed().as_secs_f64());
+        if results.len() != chunk.len() {
+            warn!(transport = %transport_name, expected = chunk.len(), got = results.len(),
+                "transport returned the wrong number of results");
+            results.truncate(chunk.len());
+            while results.len() < chunk.len() {
+                results.push(Err(missing_result(&transport_name)));
+            }
+        }
+        self.count_published(chunk, &results);
+        Some(results)
+    }
+
+    fn count_published(&self, chunk: &[Message], results: &[Result<()>]) {
+        let now = SystemTime::now();
+        let mut groups: HashMap<(&str, &str), (u64, Vec<f64>)> = HashMap::new();
+        for (m, r) in chunk.iter().zip(results) {
+            if r.is_ok() {
+                let g = groups
+                    .entry((m.topic.as_str(), self.transport.name_for(&m.topic)))
+                    .or_default();
+                g.0 += 1;
+                g.1.push(
+                    now.duration_since(m.created_at)
+                        .unwrap_or_default()
+                        .as_secs_f64(),
+                );
+            }
+        }
+        for ((topic, transport), (n, lat)) in groups {
+            let labels = [
+                ("topic", topic.to_string()),
+                ("transport", transport.to_string()),
+            ];
+            metrics::counter!(names::PUBLISHED, &labels).increment(n);
+            let h = metrics::histogram!(names::COMMIT_TO_PUBLISH, &labels);
+            for l in lat {
+                h.record(l);
+            }
+        }
+    }
+
+    fn fail(&self, m: &Message, e: &Error, settlement: &mut Settlement) {
+        let failed = m.attempts.saturating_add(1);
+        let transport = self.transport.name_for(&m.topic).to_string();
+        let kind = if e.is_transient() {
+            "transient"
+        } else {
+            "permanent"
+        };
+        metrics::counter!(names::FAILED, "topic" => m.topic.clone(), "transport" => transport.clone(), "error" => kind)
+            .increment(1);
+        if !e.is_transient() || failed >= self.config.max_attempts {
+            metrics::counter!(names::DEAD_LETTERED, "topic" => m.topic.clone(), "transport" => transport)
+                .increment(1);
+            warn!(id = %m.id, topic = %m.topic, attempts = failed, error = %e, "dead-lettering message");
+            settlement.dead.push(Failure {
+                id: m.id,
+                error: e.to_string(),
+            });
+        } else {
+            let delay = self.config.retry.delay(failed);
+            debug!(id = %m.id, topic = %m.topic, attempts = failed, ?delay, error = %e, "rescheduling message");
+            settlement.retries.push(Retry {
+                id: m.id,
+                delay,
+                error: e.to_string(),
+            });
+        }
+    }
+
+    /// Settles, retrying store errors with backoff while the lease lasts.
+    async fn settle(
+        &self,
+        lease: &Lease,
+        settlement: &Settlement,
+        cancel: &CancellationToken,
+    ) -> Result<RelayReport> {
+        let store = self.store.name();
+        let span = info_span!("outbox.settle", store, relay = %self.id, count = settlement.len(),
+            delivered = settlement.delivered.len(), retried = settlement.retries.len(),
+            dead = settlement.dead.len(), released = settlement.released.len());
+        let mut failures = 0u32;
+        loop {
+            let started = Instant::now();
+            match self
+                .store
+                .settle(lease, settlement)
+                .instrument(span.clone())
+                .await
+            {
+                Ok(report) => {
+                    metrics::histogram!(names::SETTLE_DURATION, "store" => store.to_string())
+                        .record(started.elapsed().as_secs_f64());
+                    return Ok(self.report(settlement, report));
+                }
+                Err(e) => {
+                    failures += 1;
+                    self.store_error("settle", &e);
+                    let delay = self.config.store_retry.delay(failures);
+                    let lease_left = lease
+                        .expires_at
+                        .duration_since(SystemTime::now())
+                        .unwrap_or_default();
+                    // Past the lease the rows belong to whoever claims next;
+                    // give up and let them be published again (same ids).
+                    if !e.is_transient()
+                        || failures >= 8
+                        || delay >= lease_left
+                        || cancel.is_cancelled()
+                    {
+                        error!(relay = %self.id, error = %e, count = settlement.len(),
+                            "could not settle; the rows will be claimed again when the lease expires");
+                        return Err(e);
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    fn report(&self, settlement: &Settlement, r: SettleReport) -> RelayReport {
+        let named = settlement.len() as u64;
+        let lost = named.saturating_sub(r.total());
+        if lost > 0 {
+            metrics::counter!(names::LEASE_LOST, "store" => self.store.name().to_string())
+                .increment(lost);
+            warn!(relay = %self.id, lost, "lease lost: another relay took over some rows");
+        }
+        RelayReport {
+            batches: 1,
+            published: r.delivered,
+            retried: r.rescheduled,
+            dead_lettered: r.dead_lettered,
+            released: r.released,
+            lease_lost: lost,
+        }
+    }
+}
+
+/// Splits a claim into waves: wave `n` holds the `n`-th message of each key;
+/// messages without a key all go in the first wave. Within a wave, claim
+/// order is kept.
+pub(crate) fn waves(messages: &[Message]) -> Vec<Vec<usize>> {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    let mut waves: Vec<Vec<usize>> = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        let n = match &m.key {
+            None => 0,
+            Some(k) => {
+                let c = seen.entry(k.as_str()).or_insert(0);
+                *c += 1;
+                *c - 1
+            }
+        };
+        if waves.len() <= n {
+            waves.resize_with(n + 1, Vec::new);
+        }
+        waves[n].push(i);
+    }
+    waves
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(key: Option<&str>) -> Message {
+        let b = Message::builder("t", &b"x"[..]);
+        match key {
+            Some(k) => b.key(k),
+            None => b,
+        }
+        .build()
+        .unwrap()
+    }
+
+    #[test]
+    fn waves_keep_one_message_per_key() {
+        let ms = [
+            msg(Some("a")),
+            msg(Some("a")),
+            msg(None),
+            msg(Some("b")),
+            msg(Some("a")),
+            msg(None),
+        ];
+        assert_eq!(waves(&ms), vec![vec![0, 2, 3, 5], vec![1], vec![4]]);
+    }
+
+    #[test]
+    fn bad_config_is_refused() {
+        let store: Arc<dyn Store> = Arc::new(crate::testing::MemoryStore::new());
+        let t: Arc<dyn Transport> = Arc::new(crate::testing::RecordingTransport::new());
+        assert!(Relay::builder(store.clone(), t.clone())
+            .batch_size(0)
+            .build()
+            .is_err());
+        assert!(Relay::builder(store.clone(), t.clone())
+            .max_attempts(0)
+            .build()
+            .is_err());
+        assert!(Relay::builder(store, t).build().is_ok());
+    }
+}

@@ -1,0 +1,595 @@
+//! Relay behaviour on the in-memory store, on tokio's paused clock.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use outbox_core::testing::{MemoryStore, RecordingTransport, ScriptedTransport, StoreOptions};
+use outbox_core::{
+    CancellationToken, DeadLetters, Message, MessageId, PublishResult, Relay, RetryPolicy,
+    Selector, Store, Transport,
+};
+use tokio::time::Instant;
+
+fn msg(key: Option<&str>) -> Message {
+    let b = Message::builder("orders.placed", "{}");
+    match key {
+        Some(k) => b.key(k),
+        None => b,
+    }
+    .build()
+    .unwrap()
+}
+
+fn no_jitter(initial_ms: u64, cap_ms: u64) -> RetryPolicy {
+    RetryPolicy::exponential(
+        Duration::from_millis(initial_ms),
+        2.0,
+        Duration::from_millis(cap_ms),
+    )
+    .with_jitter(0.0)
+}
+
+/// Records when each publish attempt happened and how it ended.
+#[derive(Clone)]
+struct Timed {
+    inner: Arc<dyn Transport>,
+    log: Arc<Mutex<Vec<(Instant, MessageId, bool)>>>,
+}
+
+impl Timed {
+    fn new(inner: Arc<dyn Transport>) -> Self {
+        Timed {
+            inner,
+            log: Arc::default(),
+        }
+    }
+    fn attempts(&self, id: MessageId) -> Vec<(Instant, bool)> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, i, _)| *i == id)
+            .map(|(t, _, ok)| (*t, *ok))
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Transport for Timed {
+    fn name(&self) -> &str {
+        "timed"
+    }
+    async fn publish_batch(&self, messages: &[Message]) -> Vec<PublishResult> {
+        let r = self.inner.publish_batch(messages).await;
+        let now = Instant::now();
+        let mut log = self.log.lock().unwrap();
+        for (m, r) in messages.iter().zip(&r) {
+            log.push((now, m.id, r.is_ok()));
+        }
+        r
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn relay_dropped_mid_batch_and_restarted_loses_nothing() {
+    let store = Arc::new(MemoryStore::new());
+    let ids = store
+        .enqueue((0..100).map(|i| msg(Some(&format!("k{}", i % 7)))))
+        .unwrap();
+    let slow = ScriptedTransport::new().slow(Duration::from_secs(5));
+    let first = Relay::builder(store.clone(), Arc::new(slow.clone()))
+        .lease(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let task = tokio::spawn(async move { first.run(CancellationToken::new()).await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        store.leased() > 0,
+        "the first relay holds a claim mid-batch"
+    );
+    task.abort(); // the process dies: no shutdown, no settle
+    let _ = task.await;
+
+    let rec = RecordingTransport::new();
+    let second = Relay::builder(store.clone(), Arc::new(rec.clone()))
+        .poll_interval(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { second.run(cancel).await }
+    });
+    assert_eq!(rec.wait_for(100, Duration::from_secs(120)).await, 100);
+    cancel.cancel();
+    run.await.unwrap();
+    let got: Vec<MessageId> = rec.messages().iter().map(|m| m.id).collect();
+    for id in &ids {
+        assert!(got.contains(id), "{id} was lost");
+    }
+    assert_eq!(store.pending(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn lease_expiry_hands_work_over_and_the_stale_settle_is_refused() {
+    let store = Arc::new(MemoryStore::new());
+    let ids = store.enqueue((0..10).map(|_| msg(None))).unwrap();
+    // The first relay's publish outlives its lease.
+    let slow = ScriptedTransport::new().slow(Duration::from_secs(10));
+    let a = Relay::builder(store.clone(), Arc::new(slow.clone()))
+        .lease(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let rec = RecordingTransport::new();
+    let b = Relay::builder(store.clone(), Arc::new(rec.clone()))
+        .lease(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let a_run = tokio::spawn(async move { a.relay_once().await.unwrap() });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let b_report = b.relay_once().await.unwrap();
+    assert_eq!(
+        b_report.published, 10,
+        "after the lease expired another relay took over"
+    );
+    let a_report = a_run.await.unwrap();
+    assert_eq!(a_report.published, 0, "the stale settle changed nothing");
+    assert_eq!(a_report.lease_lost, 10);
+    assert_eq!(rec.len(), 10);
+    assert_eq!(
+        slow.recorder().len(),
+        10,
+        "the duplicates came from the lost lease only"
+    );
+    for id in ids {
+        assert!(store.row(&id).is_none(), "delivered rows are gone");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_grows_is_capped_and_survives_a_restart() {
+    let store = Arc::new(MemoryStore::new());
+    let id = store.enqueue([msg(Some("k"))]).unwrap()[0];
+    let failing = ScriptedTransport::new().fail_transient(5);
+    let timed = Timed::new(Arc::new(failing.clone()));
+    let build = || {
+        Relay::builder(store.clone(), Arc::new(timed.clone()))
+            .retry(no_jitter(1_000, 4_000))
+            .poll_interval(Duration::from_millis(10))
+            .max_attempts(10)
+            .build()
+            .unwrap()
+    };
+    // First relay: two failures, then it is stopped.
+    let cancel = CancellationToken::new();
+    let relay = build();
+    let run = tokio::spawn({
+        let c = cancel.clone();
+        async move { relay.run(c).await }
+    });
+    while timed.attempts(id).len() < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cancel.cancel();
+    run.await.unwrap();
+    assert_eq!(store.row(&id).unwrap().attempts, 2, "attempts are stored");
+
+    // A new relay (no memory of the old one) keeps the stored schedule.
+    let cancel = CancellationToken::new();
+    let relay = build();
+    let run = tokio::spawn({
+        let c = cancel.clone();
+        async move { relay.run(c).await }
+    });
+    while !timed.attempts(id).last().is_some_and(|a| a.1) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cancel.cancel();
+    run.await.unwrap();
+
+    let times: Vec<Instant> = timed.attempts(id).iter().map(|a| a.0).collect();
+    assert_eq!(times.len(), 6, "five failures, then success");
+    let gaps: Vec<u128> = times
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis())
+        .collect();
+    let expected = [1_000u128, 2_000, 4_000, 4_000, 4_000];
+    for (gap, want) in gaps.iter().zip(expected) {
+        assert!(
+            *gap >= want && *gap <= want + 50,
+            "gaps {gaps:?} should follow {expected:?} (poll granularity 10 ms)"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_key_order_holds_under_random_transient_failures() {
+    let mut rng = fastrand::Rng::with_seed(0x07b0c5);
+    let cases = 2_000;
+    for case in 0..cases {
+        let seed = rng.u64(..);
+        let mut r = fastrand::Rng::with_seed(seed);
+        let store = Arc::new(MemoryStore::new());
+        let keys = r.usize(1..5);
+        let n = r.usize(1..40);
+        let ms: Vec<Message> = (0..n)
+            .map(|_| {
+                let k = r.usize(0..=keys);
+                msg((k < keys).then(|| format!("k{k}")).as_deref())
+            })
+            .collect();
+        let order: HashMap<MessageId, (Option<String>, usize)> = ms
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.id, (m.key.clone(), i)))
+            .collect();
+        store.enqueue(ms).unwrap();
+        let transport = ScriptedTransport::new().fail_randomly(r.f64() * 0.6, seed);
+        // Two relays take turns, with small random batches.
+        let relays: Vec<Relay> = (0..2)
+            .map(|_| {
+                Relay::builder(store.clone(), Arc::new(transport.clone()))
+                    .batch_size(r.usize(1..12))
+                    .max_attempts(1_000)
+                    .retry(no_jitter(10, 40))
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let mut turns = 0;
+        while store.pending() > 0 {
+            relays[turns % 2].relay_once().await.unwrap();
+            turns += 1;
+            if turns % 3 == 0 {
+                tokio::time::advance(Duration::from_millis(r.u64(1..50))).await;
+            }
+            assert!(turns < 100_000, "case {case} (seed {seed}) did not drain");
+        }
+        let published = transport.recorder().messages();
+        assert_eq!(
+            published.len(),
+            n,
+            "case {case}: each message published once"
+        );
+        let mut last: HashMap<String, usize> = HashMap::new();
+        for m in &published {
+            let (key, pos) = &order[&m.id];
+            if let Some(k) = key {
+                if let Some(prev) = last.insert(k.clone(), *pos) {
+                    assert!(
+                        prev < *pos,
+                        "case {case} (seed {seed}): key {k} published {pos} after {prev}"
+                    );
+                }
+            }
+        }
+    }
+    println!("per-key order held in {cases} seeded cases");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_holds_back_later_messages_of_its_key_only() {
+    let store = Arc::new(MemoryStore::new());
+    let ids = store
+        .enqueue([
+            msg(Some("a")),
+            msg(Some("a")),
+            msg(Some("b")),
+            msg(Some("a")),
+        ])
+        .unwrap();
+    let transport = ScriptedTransport::new().fail_key_transient("a", 1);
+    let relay = Relay::builder(store.clone(), Arc::new(transport.clone()))
+        .retry(no_jitter(1_000, 1_000))
+        .build()
+        .unwrap();
+    let report = relay.relay_once().await.unwrap();
+    assert_eq!(report.published, 1, "key b went on");
+    assert_eq!(report.retried, 1);
+    assert_eq!(
+        report.released, 2,
+        "a2 and a3 were not published but released"
+    );
+    assert_eq!(transport.attempts(&ids[1]), 0);
+    assert_eq!(transport.attempts(&ids[3]), 0);
+    assert_eq!(
+        relay.relay_once().await.unwrap().batches,
+        0,
+        "key a waits for its retry"
+    );
+    // Each message of key a fails its first attempt, so the key advances one
+    // message per retry period, in order.
+    for _ in 0..4 {
+        tokio::time::advance(Duration::from_millis(1_001)).await;
+        relay.drain().await.unwrap();
+    }
+    assert_eq!(store.pending(), 0);
+    let order: Vec<MessageId> = transport
+        .recorder()
+        .messages()
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(order, vec![ids[2], ids[0], ids[1], ids[3]]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn permanent_errors_dead_letter_at_once_transient_after_max_attempts() {
+    let store = Arc::new(MemoryStore::new());
+    let poison = Message::builder("poison.pill", "x").build().unwrap();
+    let flaky = Message::builder("flaky.topic", "y").build().unwrap();
+    let good = msg(None);
+    store
+        .enqueue([poison.clone(), flaky.clone(), good.clone()])
+        .unwrap();
+    let transport = ScriptedTransport::new()
+        .fail_topic_permanent("poison.pill")
+        .fail_topic_transient("flaky.topic", 100);
+    let relay = Relay::builder(store.clone(), Arc::new(transport.clone()))
+        .max_attempts(3)
+        .retry(no_jitter(100, 100))
+        .build()
+        .unwrap();
+    let first = relay.relay_once().await.unwrap();
+    assert_eq!(
+        (first.published, first.dead_lettered, first.retried),
+        (1, 1, 1)
+    );
+    let p = store.row(&poison.id).unwrap();
+    assert!(p.dead);
+    assert_eq!(p.attempts, 1);
+    assert!(p.last_error.unwrap().contains("scripted permanent failure"));
+    for _ in 0..5 {
+        tokio::time::advance(Duration::from_millis(150)).await;
+        relay.drain().await.unwrap();
+    }
+    let f = store.row(&flaky.id).unwrap();
+    assert!(f.dead, "dead after max_attempts");
+    assert_eq!(f.attempts, 3);
+    assert_eq!(transport.attempts(&flaky.id), 3);
+
+    // Fixed and requeued, both are delivered.
+    transport.heal();
+    assert_eq!(store.requeue(&Selector::All).await.unwrap(), 2);
+    assert_eq!(relay.drain().await.unwrap().published, 2);
+    assert_eq!(store.pending(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn graceful_shutdown_leaves_nothing_leased() {
+    let store = Arc::new(MemoryStore::new());
+    store
+        .enqueue((0..50).map(|i| msg(Some(&format!("k{}", i % 5)))))
+        .unwrap();
+    let slow = ScriptedTransport::new().slow(Duration::from_secs(2));
+    let relay = Relay::builder(store.clone(), Arc::new(slow.clone()))
+        .lease(Duration::from_secs(300))
+        .build()
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn({
+        let c = cancel.clone();
+        async move { relay.run(c).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(store.leased() > 0, "mid-publish");
+    cancel.cancel();
+    let report = run.await.unwrap();
+    assert_eq!(store.leased(), 0, "nothing stays leased after shutdown");
+    assert_eq!(
+        report.published, 5,
+        "the in-flight wave finished and was settled"
+    );
+    assert_eq!(
+        report.released, 45,
+        "later waves were released, not published"
+    );
+    assert_eq!(store.pending(), 45);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_timeout_releases_a_stuck_publish() {
+    let store = Arc::new(MemoryStore::new());
+    store.enqueue((0..5).map(|_| msg(None))).unwrap();
+    let stuck = ScriptedTransport::new().slow(Duration::from_secs(3_600));
+    let relay = Relay::builder(store.clone(), Arc::new(stuck))
+        .shutdown_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn({
+        let c = cancel.clone();
+        async move { relay.run(c).await }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cancel.cancel();
+    let report = run.await.unwrap();
+    assert_eq!(report.released, 5);
+    assert_eq!(store.leased(), 0);
+    assert_eq!(store.pending(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn keeps_claiming_while_batches_are_full_and_wakes_on_signals() {
+    let store = Arc::new(MemoryStore::new());
+    let rec = RecordingTransport::new();
+    let relay = Relay::builder(store.clone(), Arc::new(rec.clone()))
+        .batch_size(100)
+        .poll_interval(Duration::from_secs(3_600))
+        .build()
+        .unwrap();
+    let signal = relay.signal();
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn({
+        let c = cancel.clone();
+        async move { relay.run(c).await }
+    });
+    let start = Instant::now();
+    // The store's own notification wakes it.
+    store.enqueue((0..1_000).map(|_| msg(None))).unwrap();
+    assert_eq!(rec.wait_for(1_000, Duration::from_secs(60)).await, 1_000);
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "no poll interval was waited for"
+    );
+    // So does the in-process signal, when the store has no notifications.
+    signal.notify();
+    cancel.cancel();
+    let report = run.await.unwrap();
+    assert_eq!(report.published, 1_000);
+    assert!(report.batches >= 10);
+}
+
+/// A store without notifications: only the signal or the poll wakes the relay.
+struct Quiet(Arc<MemoryStore>);
+
+#[async_trait]
+impl Store for Quiet {
+    fn name(&self) -> &str {
+        "quiet"
+    }
+    async fn claim(
+        &self,
+        r: &outbox_core::ClaimRequest,
+    ) -> outbox_core::Result<outbox_core::Claim> {
+        self.0.claim(r).await
+    }
+    async fn settle(
+        &self,
+        l: &outbox_core::Lease,
+        s: &outbox_core::Settlement,
+    ) -> outbox_core::Result<outbox_core::SettleReport> {
+        self.0.settle(l, s).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_in_process_signal_wakes_an_idle_relay() {
+    let mem = Arc::new(MemoryStore::new());
+    let rec = RecordingTransport::new();
+    let relay = Relay::builder(Arc::new(Quiet(mem.clone())), Arc::new(rec.clone()))
+        .poll_interval(Duration::from_secs(3_600))
+        .build()
+        .unwrap();
+    let signal = relay.signal();
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn({
+        let c = cancel.clone();
+        async move { relay.run(c).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    mem.enqueue([msg(None)]).unwrap();
+    let start = Instant::now();
+    signal.notify();
+    assert_eq!(rec.wait_for(1, Duration::from_secs(60)).await, 1);
+    assert!(start.elapsed() < Duration::from_secs(1));
+    // Without a wakeup, the poll interval is the fallback.
+    mem.enqueue([msg(None)]).unwrap();
+    let start = Instant::now();
+    assert_eq!(rec.wait_for(2, Duration::from_secs(7_200)).await, 2);
+    assert!(start.elapsed() >= Duration::from_secs(3_000));
+    cancel.cancel();
+    run.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn store_errors_back_off_and_recover() {
+    /// Fails the first `n` claims.
+    struct Flaky(Arc<MemoryStore>, Mutex<u32>);
+    #[async_trait]
+    impl Store for Flaky {
+        fn name(&self) -> &str {
+            "flaky"
+        }
+        async fn claim(
+            &self,
+            r: &outbox_core::ClaimRequest,
+        ) -> outbox_core::Result<outbox_core::Claim> {
+            {
+                let mut n = self.1.lock().unwrap();
+                if *n > 0 {
+                    *n -= 1;
+                    return Err(outbox_core::Error::transient(
+                        outbox_core::ErrorKind::Connection,
+                        "connection reset",
+                    ));
+                }
+            }
+            self.0.claim(r).await
+        }
+        async fn settle(
+            &self,
+            l: &outbox_core::Lease,
+            s: &outbox_core::Settlement,
+        ) -> outbox_core::Result<outbox_core::SettleReport> {
+            self.0.settle(l, s).await
+        }
+    }
+    let mem = Arc::new(MemoryStore::new());
+    mem.enqueue((0..3).map(|_| msg(None))).unwrap();
+    let rec = RecordingTransport::new();
+    let relay = Relay::builder(
+        Arc::new(Flaky(mem.clone(), Mutex::new(4))),
+        Arc::new(rec.clone()),
+    )
+    .poll_interval(Duration::from_millis(10))
+    .store_retry(no_jitter(100, 1_000))
+    .build()
+    .unwrap();
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn({
+        let c = cancel.clone();
+        async move { relay.run(c).await }
+    });
+    let start = Instant::now();
+    assert_eq!(rec.wait_for(3, Duration::from_secs(60)).await, 3);
+    // 100 + 200 + 400 + 800 ms of backoff after four failed claims.
+    assert!(
+        start.elapsed() >= Duration::from_millis(1_500),
+        "{:?}",
+        start.elapsed()
+    );
+    cancel.cancel();
+    run.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn hold_dead_letters_blocks_the_key_until_requeued() {
+    let store = Arc::new(MemoryStore::with_options(
+        StoreOptions::default().hold_dead_letters(true),
+    ));
+    let poison = Message::builder("poison.pill", "x")
+        .key("k")
+        .build()
+        .unwrap();
+    let next = Message::builder("orders.placed", "y")
+        .key("k")
+        .build()
+        .unwrap();
+    store.enqueue([poison.clone(), next.clone()]).unwrap();
+    let transport = ScriptedTransport::new().fail_topic_permanent("poison.pill");
+    let relay = Relay::builder(store.clone(), Arc::new(transport.clone()))
+        .build()
+        .unwrap();
+    relay.drain().await.unwrap();
+    assert!(
+        transport.recorder().is_empty(),
+        "the key is held behind its dead letter"
+    );
+    transport.heal();
+    store
+        .requeue(&Selector::Ids(vec![poison.id]))
+        .await
+        .unwrap();
+    relay.drain().await.unwrap();
+    let order: Vec<MessageId> = transport
+        .recorder()
+        .messages()
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(order, vec![poison.id, next.id]);
+}
