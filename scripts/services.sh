@@ -3,6 +3,12 @@
 # RabbitMQ, NATS with JetStream) when they are installed but down, waits
 # until each accepts connections, and creates the `test` databases.
 # Fails with one clear line per server it cannot start.
+#
+#   scripts/services.sh              start whatever is down (what CI runs)
+#   scripts/services.sh stop NAME    stop one server (fault tests)
+#   scripts/services.sh start NAME   start one server and wait until it is up
+#
+# NAME is one of postgres, mariadb, redis, rabbitmq, nats.
 set -uo pipefail
 
 up() { # host port
@@ -62,6 +68,37 @@ start_mariadb() {
   [ -x /usr/sbin/mariadbd ] || { echo "mariadbd not installed"; return 1; }
   start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd
 }
+
+stop_postgres() { pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main stop -m fast; }
+stop_mariadb() { start-stop-daemon --stop --oknodo --retry 30 --exec /usr/sbin/mariadbd; }
+stop_redis() { redis-cli -h 127.0.0.1 -p 6379 shutdown nosave || true; }
+stop_rabbitmq() { rabbitmqctl stop; }
+stop_nats() { start-stop-daemon --stop --oknodo --retry 10 --exec /usr/sbin/nats-server; }
+
+port_of() {
+  case $1 in
+    postgres) echo 5432 ;; mariadb) echo 3306 ;; redis) echo 6379 ;;
+    rabbitmq) echo 5672 ;; nats) echo 4222 ;;
+    *) echo "services: unknown server $1 (postgres, mariadb, redis, rabbitmq, nats)" >&2; exit 2 ;;
+  esac
+}
+
+case "${1:-up}" in
+  stop)
+    port=$(port_of "${2:-}")
+    "stop_$2" >/tmp/outbox-services-"$2".log 2>&1
+    for ((i = 0; i < 120; i++)); do up 127.0.0.1 "$port" || { echo "services: $2 stopped"; exit 0; }; sleep 0.25; done
+    echo "services: ERROR: $2 still listens on $port" >&2
+    exit 1
+    ;;
+  start)
+    port=$(port_of "${2:-}")
+    ensure "$2" "$port" 90 "start_$2"
+    exit $failed
+    ;;
+  up) ;;
+  *) echo "usage: $0 [up | stop NAME | start NAME]" >&2; exit 2 ;;
+esac
 
 ensure postgres 5432 30 start_postgres
 ensure mariadb 3306 30 start_mariadb

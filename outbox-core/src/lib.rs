@@ -11,6 +11,7 @@ pub mod router;
 pub mod signal;
 pub mod store;
 pub mod transport;
+pub mod wire;
 
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -363,6 +363,15 @@ pub fn validate_headers(headers: &Headers) -> Result<(), ValidationError> {
                 "name contains {c:?}; allowed are letters, digits and !#$%&'*+-.^_`|~"
             )));
         }
+        if name
+            .get(..crate::wire::RESERVED_PREFIX.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(crate::wire::RESERVED_PREFIX))
+        {
+            return Err(invalid(format!(
+                "names starting with {:?} are reserved for the toolkit",
+                crate::wire::RESERVED_PREFIX
+            )));
+        }
         if value.len() > limits::MAX_HEADER_VALUE_LEN {
             return Err(invalid(format!(
                 "value is {} bytes, more than the limit of {}",
@@ -448,6 +457,7 @@ mod tests {
         assert!(b().header("bad:name", "v").build().is_err());
         assert!(b().header("n", "line\r\nbreak").build().is_err());
         assert!(b().header("n", "tab\tok").build().is_ok());
+        assert!(b().header("Outbox-Id", "spoof").build().is_err());
         let err = Message::builder("t", vec![0u8; 11])
             .max_payload(10)
             .build()
