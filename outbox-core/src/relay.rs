@@ -413,7 +413,9 @@ impl Relay {
                     }
                 }
                 State::Stopping => {
-                    self.transition(from, StateName::Stopping);
+                    if let Err(e) = self.store.leave(&self.id).await {
+                        warn!(relay = %self.id, error = %e, "could not hand back leases at shutdown");
+                    }
                     if let Err(e) = self.transport.flush().await {
                         warn!(relay = %self.id, error = %e, "transport flush failed at shutdown");
                     }

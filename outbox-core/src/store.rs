@@ -181,6 +181,11 @@ pub struct Stats {
 ///
 /// # Contract
 ///
+/// - **One claim per owner at a time**: a relay settles a claim before it
+///   claims again. A store may hand nothing to an owner whose earlier claim is
+///   still unsettled and unexpired (for example after a failed settle), and
+///   may share the backlog between owners (partition leases), so a claim by
+///   one owner can come back empty while another owner holds work.
 /// - **Claim** hands out at most `limit` messages that are pending, due (their
 ///   not-before / next-attempt time has passed by the store's clock) and not
 ///   under an unexpired lease, marks them leased to the owner until
@@ -227,6 +232,15 @@ pub trait Store: Send + Sync {
     /// reports nothing.
     async fn stats(&self) -> Result<Option<Stats>> {
         Ok(None)
+    }
+
+    /// Called once by a relay that stops gracefully, after its last settle:
+    /// a store that shares work between relays (partition leases) hands the
+    /// owner's share back at once instead of letting it expire. The default
+    /// does nothing.
+    async fn leave(&self, owner: &RelayId) -> Result<()> {
+        let _ = owner;
+        Ok(())
     }
 }
 
@@ -302,5 +316,8 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     async fn stats(&self) -> Result<Option<Stats>> {
         (**self).stats().await
+    }
+    async fn leave(&self, owner: &RelayId) -> Result<()> {
+        (**self).leave(owner).await
     }
 }
