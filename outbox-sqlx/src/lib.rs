@@ -1,1 +1,330 @@
-//! placeholder
+#![doc = include_str!("../README.md")]
+
+mod error;
+mod table;
+
+#[cfg(feature = "mysql")]
+pub mod mysql;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use outbox_core::{limits, Error, Message, MessageId, Result, Signal};
+
+pub use table::{TableName, DEFAULT_TABLE, MAX_NAME_LEN};
+
+/// Number of virtual partitions messages are spread over (by key, or by id
+/// when keyless). Relays share partitions through leases.
+pub const PARTITIONS: i32 = 64;
+
+/// The enqueue side: which table, the payload limit, and how relays are
+/// woken. Cheap to clone; build one at start-up and share it.
+///
+/// ```no_run
+/// # #[cfg(feature = "postgres")]
+/// # async fn f(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+/// use outbox_core::Message;
+/// use outbox_sqlx::Outbox;
+///
+/// let outbox = Outbox::new();
+/// let mut tx = pool.begin().await?;
+/// sqlx::query("INSERT INTO orders (id) VALUES (1)").execute(&mut *tx).await?;
+/// outbox.enqueue(&mut *tx, &Message::json("orders.placed", &serde_json::json!({"id": 1})).key("1").build()?).await?;
+/// tx.commit().await?;
+/// outbox.committed(); // wake a relay in this process at once
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    table: TableName,
+    max_payload: usize,
+    notify: bool,
+    signal: Option<Signal>,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox {
+            table: TableName::default(),
+            max_payload: limits::DEFAULT_MAX_PAYLOAD,
+            notify: false,
+            signal: None,
+        }
+    }
+}
+
+impl Outbox {
+    /// The default: table `outbox_messages`, 1 MiB payload limit, no NOTIFY.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Uses another table (validated: see [`TableName`]).
+    pub fn table(mut self, table: &str) -> Result<Self> {
+        self.table = TableName::parse(table)?;
+        Ok(self)
+    }
+
+    /// Refuses payloads larger than `bytes` (default 1 MiB).
+    pub fn max_payload(mut self, bytes: usize) -> Self {
+        self.max_payload = bytes;
+        self
+    }
+
+    /// PostgreSQL only: also send a NOTIFY in the enqueuing transaction, so
+    /// relays in other processes wake at commit. It costs business
+    /// throughput (NOTIFY serialises commits); off by default, relays then
+    /// find work by the in-process [`Signal`] or their poll interval.
+    pub fn notify(mut self, on: bool) -> Self {
+        self.notify = on;
+        self
+    }
+
+    /// The in-process signal [`committed`](Self::committed) notifies; pass
+    /// the same one to the relay (`Relay::builder(..).signal(..)`).
+    pub fn signal(mut self, signal: Signal) -> Self {
+        self.signal = Some(signal);
+        self
+    }
+
+    /// The table.
+    pub fn table_name(&self) -> &TableName {
+        &self.table
+    }
+
+    /// Call after committing a transaction that enqueued: wakes a relay in
+    /// this process at once (no-op without a signal).
+    pub fn committed(&self) {
+        if let Some(s) = &self.signal {
+            s.notify();
+        }
+    }
+
+    /// Writes `message` into the outbox on the caller's connection or
+    /// transaction (`&mut *tx`), so it commits or rolls back with the
+    /// business rows. Validation runs before any SQL.
+    pub async fn enqueue<C>(&self, conn: &mut C, message: &Message) -> Result<MessageId>
+    where
+        C: Enqueue + ?Sized,
+    {
+        self.enqueue_batch(conn, std::slice::from_ref(message))
+            .await
+            .map(|ids| ids.into_iter().next().unwrap_or(message.id))
+    }
+
+    /// Writes many messages in one statement (per 5,000 rows) on the caller's
+    /// connection or transaction. All are validated before any SQL runs.
+    pub async fn enqueue_batch<C>(
+        &self,
+        conn: &mut C,
+        messages: &[Message],
+    ) -> Result<Vec<MessageId>>
+    where
+        C: Enqueue + ?Sized,
+    {
+        for m in messages {
+            m.validate(self.max_payload).map_err(|e| {
+                Error::from(e)
+                    .with_backend("sqlx")
+                    .with_operation("enqueue")
+            })?;
+        }
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        for chunk in messages.chunks(ENQUEUE_CHUNK) {
+            conn.insert(self, chunk).await?;
+        }
+        Ok(messages.iter().map(|m| m.id).collect())
+    }
+}
+
+/// Rows per INSERT statement (keeps bind parameter counts within every
+/// engine's limit).
+const ENQUEUE_CHUNK: usize = 5_000;
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// A connection the outbox can enqueue on: `PgConnection`, `MySqlConnection`
+/// or `SqliteConnection` (pass `&mut *tx` for a transaction). Sealed.
+#[async_trait]
+pub trait Enqueue: sealed::Sealed + Send {
+    #[doc(hidden)]
+    async fn insert(&mut self, outbox: &Outbox, messages: &[Message]) -> Result<()>;
+}
+
+/// Options of the relay-side stores, shared by every engine.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct StoreConfig {
+    /// The outbox table.
+    pub table: TableName,
+    /// Keep delivered rows (with their delivered time) instead of deleting
+    /// them; purge them with `Purge::purge_delivered` or the store's purger.
+    pub keep_delivered: bool,
+    /// A dead letter keeps blocking later messages of its key until it is
+    /// requeued or discarded.
+    pub hold_dead_letters: bool,
+    /// PostgreSQL: LISTEN for the enqueue side's NOTIFY (default on; it costs
+    /// one connection).
+    pub listen: bool,
+    /// Run claims and settles with `synchronous_commit = off` (PostgreSQL;
+    /// default on): a settle lost in a crash only causes a re-publish with
+    /// the same id.
+    pub async_commit: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            table: TableName::default(),
+            keep_delivered: false,
+            hold_dead_letters: false,
+            listen: true,
+            async_commit: true,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Uses another table (validated: see [`TableName`]).
+    pub fn table(mut self, table: &str) -> Result<Self> {
+        self.table = TableName::parse(table)?;
+        Ok(self)
+    }
+    /// Sets [`keep_delivered`](Self::keep_delivered).
+    pub fn keep_delivered(mut self, on: bool) -> Self {
+        self.keep_delivered = on;
+        self
+    }
+    /// Sets [`hold_dead_letters`](Self::hold_dead_letters).
+    pub fn hold_dead_letters(mut self, on: bool) -> Self {
+        self.hold_dead_letters = on;
+        self
+    }
+    /// Sets [`listen`](Self::listen).
+    pub fn listen(mut self, on: bool) -> Self {
+        self.listen = on;
+        self
+    }
+    /// Sets [`async_commit`](Self::async_commit).
+    pub fn async_commit(mut self, on: bool) -> Self {
+        self.async_commit = on;
+        self
+    }
+}
+
+/// Per-owner bookkeeping shared by the stores: the unsettled claim an owner
+/// holds, so that it is not handed later messages of the same keys before it
+/// settles (after a failed settle, its rows stay leased until they expire).
+#[derive(Default)]
+pub(crate) struct Owners {
+    inner: std::sync::Mutex<std::collections::HashMap<String, OwnerState>>,
+}
+
+#[derive(Default, Clone, Copy)]
+pub(crate) struct OwnerState {
+    /// Token and local expiry of the last claim not yet settled.
+    pub outstanding: Option<(u64, tokio::time::Instant)>,
+    /// When the owner last rebalanced its partitions.
+    pub rebalanced: Option<tokio::time::Instant>,
+}
+
+impl Owners {
+    pub fn get(&self, owner: &str) -> OwnerState {
+        self.lock().get(owner).copied().unwrap_or_default()
+    }
+    pub fn update(&self, owner: &str, f: impl FnOnce(&mut OwnerState)) {
+        f(self.lock().entry(owner.to_string()).or_default());
+    }
+    pub fn remove(&self, owner: &str) {
+        self.lock().remove(owner);
+    }
+    /// Whether `owner` holds an unsettled, unexpired claim.
+    pub fn busy(&self, owner: &str) -> bool {
+        self.get(owner)
+            .outstanding
+            .is_some_and(|(_, until)| until > tokio::time::Instant::now())
+    }
+    /// Records a settle: clears the outstanding claim if it is this one.
+    pub fn settled(&self, owner: &str, token: u64) {
+        self.update(owner, |s| {
+            if s.outstanding.is_some_and(|(t, _)| t == token) {
+                s.outstanding = None;
+            }
+        });
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, OwnerState>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// An empty claim for an owner that may not claim now.
+pub(crate) fn empty_claim(request: &outbox_core::ClaimRequest) -> outbox_core::Claim {
+    outbox_core::Claim {
+        lease: outbox_core::Lease {
+            owner: request.owner.clone(),
+            token: outbox_core::FencingToken(0),
+            expires_at: SystemTime::now(),
+        },
+        messages: Vec::new(),
+    }
+}
+
+/// Headers as stored (a JSON object) back into string pairs. Values that a
+/// foreign producer wrote as non-strings keep their JSON text.
+pub(crate) fn headers_from_json(v: serde_json::Value) -> outbox_core::Headers {
+    match v {
+        serde_json::Value::Object(map) => map
+            .into_iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => (k, s),
+                other => (k, other.to_string()),
+            })
+            .collect(),
+        _ => outbox_core::Headers::new(),
+    }
+}
+
+/// Seconds as a float for SQL intervals.
+pub(crate) fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// Drops ids named twice in one settlement (the first part naming an id
+/// wins), so every engine applies a settlement the same way.
+pub(crate) fn dedupe(s: &outbox_core::Settlement) -> outbox_core::Settlement {
+    let mut seen = std::collections::HashSet::new();
+    outbox_core::Settlement {
+        delivered: s
+            .delivered
+            .iter()
+            .copied()
+            .filter(|id| seen.insert(*id))
+            .collect(),
+        retries: s
+            .retries
+            .iter()
+            .filter(|r| seen.insert(r.id))
+            .cloned()
+            .collect(),
+        dead: s
+            .dead
+            .iter()
+            .filter(|f| seen.insert(f.id))
+            .cloned()
+            .collect(),
+        released: s
+            .released
+            .iter()
+            .copied()
+            .filter(|id| seen.insert(*id))
+            .collect(),
+    }
+}

@@ -244,7 +244,7 @@ async fn release_keeps_attempts<H: StoreHarness>(h: &H) {
         ..Default::default()
     };
     assert_eq!(s.settle(&l, &rel).await.expect("settle").released, 1);
-    let c = s.claim(&req("b", 10)).await.expect("claim");
+    let c = s.claim(&req("a", 10)).await.expect("claim");
     assert_eq!(c.messages.len(), 1, "a released row is due at once");
     assert_eq!(
         c.messages[0].attempts, 0,
@@ -366,6 +366,7 @@ async fn key_order_under_lease_and_retry<H: StoreHarness>(h: &H) {
         "later messages of a leased key are held back"
     );
     s.settle(&l2, &delivered(&second)).await.expect("settle");
+    s.leave(&RelayId::new("r2")).await.expect("leave"); // r2 stops gracefully
     let retry = Settlement {
         retries: vec![Retry {
             id: a1.id,
@@ -414,7 +415,7 @@ async fn dead_letter_unblocks_key_unless_held<H: StoreHarness>(h: &H) {
                     .expect("requeue"),
                 1
             );
-            let (_, ids) = claim_ids(&s, "a", 10).await;
+            let ids = drain(&s, "a").await;
             assert_eq!(ids, vec![k1.id, k2.id], "requeued, the key flows in order");
         } else {
             assert_eq!(ids, vec![k2.id], "a dead letter no longer blocks its key");

@@ -1,0 +1,64 @@
+//! Maps sqlx errors into the core error type, transient or permanent.
+
+use outbox_core::{Error, ErrorKind};
+
+/// Converts a sqlx error, naming the engine and operation.
+pub(crate) fn db_error(engine: &'static str, operation: &'static str, e: sqlx::Error) -> Error {
+    let (kind, transient, message) = classify(&e);
+    let err = if transient {
+        Error::transient(kind, message)
+    } else {
+        Error::permanent(kind, message)
+    };
+    err.with_backend(engine)
+        .with_operation(operation)
+        .with_source(e)
+}
+
+fn classify(e: &sqlx::Error) -> (ErrorKind, bool, String) {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => {
+            (ErrorKind::Connection, true, "connection failed".into())
+        }
+        sqlx::Error::PoolTimedOut => (
+            ErrorKind::Timeout,
+            true,
+            "timed out waiting for a database connection".into(),
+        ),
+        sqlx::Error::PoolClosed => (ErrorKind::Connection, false, "the pool is closed".into()),
+        sqlx::Error::WorkerCrashed => (ErrorKind::Connection, true, "driver worker crashed".into()),
+        sqlx::Error::Configuration(_) => (
+            ErrorKind::Config,
+            false,
+            "bad database configuration".into(),
+        ),
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+            let (kind, transient) = classify_code(&code);
+            (kind, transient, format!("database error {code}"))
+        }
+        _ => (ErrorKind::Database, false, "database error".into()),
+    }
+}
+
+/// SQLSTATE (PostgreSQL, SQLite extended codes as text) or MySQL error numbers.
+fn classify_code(code: &str) -> (ErrorKind, bool) {
+    match code {
+        // PostgreSQL: connection exceptions, shutdown, resource limits,
+        // serialization failures and deadlocks are worth retrying.
+        c if c.starts_with("08") => (ErrorKind::Connection, true),
+        "57P01" | "57P02" | "57P03" | "57014" => (ErrorKind::Connection, true),
+        "53300" | "53200" | "53100" => (ErrorKind::Database, true),
+        "40001" | "40P01" | "55P03" => (ErrorKind::Database, true),
+        c if c.starts_with("28") => (ErrorKind::Unauthorized, false),
+        "42P01" | "3D000" | "3F000" => (ErrorKind::Config, false),
+        // MySQL / MariaDB: lock wait timeout, deadlock, too many connections,
+        // server gone / shutting down.
+        "1205" | "1213" | "1040" | "1053" | "2006" | "2013" | "1927" => (ErrorKind::Database, true),
+        "1045" | "1044" | "1142" => (ErrorKind::Unauthorized, false),
+        "1146" | "1049" => (ErrorKind::Config, false),
+        // SQLite: busy / locked.
+        "5" | "6" | "261" | "262" | "517" => (ErrorKind::Database, true),
+        _ => (ErrorKind::Database, false),
+    }
+}

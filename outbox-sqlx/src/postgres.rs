@@ -1,0 +1,757 @@
+//! PostgreSQL: enqueue on `PgConnection`, [`PgStore`] for relays, migrations.
+//!
+//! How relays share work: every message gets `partition = hash(key) & 63`
+//! (keyless messages hash their id) in a generated column. Relays hold
+//! short leases on partitions in `<table>_partitions` and claim only from
+//! partitions they hold, in sequence order, with `FOR UPDATE SKIP LOCKED`.
+//! Each claim renews the owner's partition leases in the same statement that
+//! leases the rows, so a partition lease never ends before the row leases
+//! in it: a relay that takes over an expired partition never races the old
+//! owner for one key. Live relays register in `<table>_relays`; each takes
+//! `ceil(64 / live relays)` partitions, so a new relay gets a share and a
+//! dead relay's share moves once its lease expires.
+//!
+//! A message that waits for a retry (or a delayed keyed message, or a held
+//! dead letter) blocks later messages of its key through a row in the small
+//! `<table>_blocked` table, so claims never scan earlier rows of a key.
+//!
+//! Order per key is the order of `seq`, assigned at insert: for two
+//! concurrent transactions writing the same key, it is the order their
+//! inserts ran, which is the commit order when the key's business rows are
+//! locked by the application (as they are when both update the same entity).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use outbox_core::{
+    Claim, ClaimRequest, DeadLetter, DeadLetters, Error, FencingToken, Lease, Message, MessageId,
+    Purge, RelayId, Result, Selector, SettleReport, Settlement, Stats, Store,
+};
+use sqlx::postgres::{PgListener, PgPool, PgRow};
+use sqlx::types::chrono::{DateTime, Utc};
+use sqlx::types::Json;
+use sqlx::{PgConnection, Row};
+use tokio::sync::Notify;
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+use crate::error::db_error;
+use crate::{
+    dedupe, empty_claim, headers_from_json, sealed, secs, Enqueue, Outbox, Owners, StoreConfig,
+    TableName, PARTITIONS,
+};
+
+const ENGINE: &str = "postgres";
+
+fn err(operation: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+    move |e| db_error(ENGINE, operation, e)
+}
+
+/// The schema for `table`, as `migrate` applies it (for users who run their
+/// own migration tool: copy it).
+pub fn schema(table: &TableName) -> String {
+    let t = table.qualified("");
+    let create_schema = table
+        .schema()
+        .map(|s| format!("CREATE SCHEMA IF NOT EXISTS {s};\n"))
+        .unwrap_or_default();
+    format!(
+        r#"{create_schema}CREATE TABLE IF NOT EXISTS {t} (
+    id           UUID PRIMARY KEY,
+    seq          BIGINT GENERATED ALWAYS AS IDENTITY,
+    topic        TEXT NOT NULL,
+    msg_key      TEXT,
+    partition    SMALLINT GENERATED ALWAYS AS ((hashtext(COALESCE(msg_key, id::text)) & {mask})::smallint) STORED,
+    payload      BYTEA NOT NULL,
+    headers      JSONB NOT NULL DEFAULT '{{}}',
+    created_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
+    not_before   TIMESTAMPTZ,
+    attempts     INT NOT NULL DEFAULT 0,
+    last_error   TEXT,
+    lease_owner  TEXT,
+    lease_until  TIMESTAMPTZ,
+    lease_token  BIGINT,
+    delivered_at TIMESTAMPTZ,
+    dead_at      TIMESTAMPTZ
+);
+-- Claims read pending rows in seq order through this partial index only.
+CREATE INDEX IF NOT EXISTS {pending} ON {t} (seq) WHERE delivered_at IS NULL AND dead_at IS NULL;
+CREATE INDEX IF NOT EXISTS {dead} ON {t} (seq) WHERE dead_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS {delivered} ON {t} (delivered_at) WHERE delivered_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS {t}_partitions (
+    partition   SMALLINT PRIMARY KEY,
+    owner       TEXT,
+    lease_until TIMESTAMPTZ
+);
+INSERT INTO {t}_partitions (partition) SELECT generate_series(0, {last}) ON CONFLICT DO NOTHING;
+CREATE TABLE IF NOT EXISTS {t}_relays (
+    owner       TEXT PRIMARY KEY,
+    alive_until TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {t}_blocked (
+    msg_key TEXT NOT NULL,
+    seq     BIGINT NOT NULL,
+    PRIMARY KEY (msg_key, seq)
+);
+CREATE SEQUENCE IF NOT EXISTS {t}_token;
+"#,
+        mask = PARTITIONS - 1,
+        last = PARTITIONS - 1,
+        pending = table.local("_pending"),
+        dead = table.local("_dead"),
+        delivered = table.local("_delivered"),
+    )
+}
+
+/// Creates the outbox tables if they do not exist. Idempotent, and safe when
+/// several processes run it at once (an advisory lock serialises them).
+pub async fn migrate(pool: &PgPool, table: &TableName) -> Result<()> {
+    let mut tx = pool.begin().await.map_err(err("migrate"))?;
+    let lock = format!("outbox-migrate:{table}");
+    let ddl = schema(table);
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(&lock)
+        .execute(&mut *tx)
+        .await
+        .map_err(err("migrate"))?;
+    // One statement at a time: the schema has no ';' inside a statement.
+    for statement in ddl.split(";\n").map(str::trim).filter(|s| !s.is_empty()) {
+        sqlx::query(statement)
+            .execute(&mut *tx)
+            .await
+            .map_err(err("migrate"))?;
+    }
+    tx.commit().await.map_err(err("migrate"))?;
+    Ok(())
+}
+
+impl sealed::Sealed for PgConnection {}
+
+#[async_trait]
+impl Enqueue for PgConnection {
+    async fn insert(&mut self, outbox: &Outbox, messages: &[Message]) -> Result<()> {
+        let t = outbox.table_name().qualified("");
+        let n = messages.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut topics = Vec::with_capacity(n);
+        let mut keys = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        let mut headers = Vec::with_capacity(n);
+        let mut created = Vec::with_capacity(n);
+        let mut due = Vec::with_capacity(n);
+        let mut blocks = false;
+        for m in messages {
+            ids.push(*m.id.as_uuid());
+            topics.push(m.topic.as_str());
+            keys.push(m.key.as_deref());
+            payloads.push(m.payload.as_ref());
+            headers.push(Json(&m.headers));
+            created.push(DateTime::<Utc>::from(m.created_at));
+            due.push(m.not_before.map(DateTime::<Utc>::from));
+            blocks |= m.key.is_some() && m.not_before.is_some();
+        }
+        let insert = format!(
+            "INSERT INTO {t} (id, topic, msg_key, payload, headers, created_at, not_before) \
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::jsonb[], \
+             $6::timestamptz[], $7::timestamptz[])"
+        );
+        // A delayed keyed message holds back later messages of its key.
+        let sql = if blocks {
+            format!(
+                "WITH ins AS ({insert} RETURNING msg_key, seq, not_before) \
+                 INSERT INTO {t}_blocked (msg_key, seq) SELECT msg_key, seq FROM ins \
+                 WHERE msg_key IS NOT NULL AND not_before IS NOT NULL ON CONFLICT DO NOTHING"
+            )
+        } else {
+            insert
+        };
+        sqlx::query(&sql)
+            .bind(ids)
+            .bind(topics)
+            .bind(keys)
+            .bind(payloads)
+            .bind(headers)
+            .bind(created)
+            .bind(due)
+            .execute(&mut *self)
+            .await
+            .map_err(err("enqueue"))?;
+        if outbox.notify {
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(outbox.table_name().channel())
+                .execute(&mut *self)
+                .await
+                .map_err(err("enqueue"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The relay-side store on PostgreSQL. Cheap to clone; clones share the
+/// listener and the per-owner bookkeeping.
+#[derive(Clone)]
+pub struct PgStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    config: StoreConfig,
+    sql: Sql,
+    owners: Owners,
+    wakeup: Arc<Notify>,
+    listener: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(h) = &self.listener {
+            h.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("table", &self.inner.config.table)
+            .field("config", &self.inner.config)
+            .finish()
+    }
+}
+
+/// Statements, built once from the validated table name.
+struct Sql {
+    token: String,
+    claim: String,
+    settle: String,
+    heartbeat: String,
+    live: String,
+    mine: String,
+    release: String,
+    acquire: String,
+}
+
+impl Sql {
+    fn new(c: &StoreConfig) -> Self {
+        let t = c.table.qualified("");
+        let pending = "delivered_at IS NULL AND dead_at IS NULL";
+        let unlease = "lease_owner = NULL, lease_until = NULL, lease_token = NULL";
+        let delivered = if c.keep_delivered {
+            format!(
+                "UPDATE {t} SET delivered_at = now(), {unlease} \
+                 WHERE id = ANY($2) AND lease_token = $1 AND {pending} RETURNING msg_key, seq"
+            )
+        } else {
+            format!(
+                "DELETE FROM {t} WHERE id = ANY($2) AND lease_token = $1 AND {pending} \
+                 RETURNING msg_key, seq"
+            )
+        };
+        let dead_blocks = if c.hold_dead_letters {
+            format!(
+                "INSERT INTO {t}_blocked (msg_key, seq) SELECT msg_key, seq FROM x \
+                 WHERE msg_key IS NOT NULL ON CONFLICT DO NOTHING"
+            )
+        } else {
+            format!(
+                "DELETE FROM {t}_blocked b USING x WHERE b.msg_key = x.msg_key AND b.seq = x.seq"
+            )
+        };
+        Sql {
+            token: format!("SELECT nextval('{t}_token')"),
+            claim: format!(
+                "WITH mine AS ( \
+                   UPDATE {t}_partitions SET lease_until = now() + make_interval(secs => $3) \
+                   WHERE owner = $1 RETURNING partition), \
+                 c AS ( \
+                   SELECT t.id FROM {t} t \
+                   WHERE t.delivered_at IS NULL AND t.dead_at IS NULL \
+                     AND t.partition = ANY(ARRAY(SELECT partition FROM mine)) \
+                     AND (t.not_before IS NULL OR t.not_before <= now()) \
+                     AND (t.lease_until IS NULL OR t.lease_until <= now()) \
+                     AND NOT EXISTS (SELECT 1 FROM {t}_blocked b \
+                                     WHERE b.msg_key = t.msg_key AND b.seq < t.seq) \
+                   ORDER BY t.seq LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                 UPDATE {t} t SET lease_owner = $1, lease_until = now() + make_interval(secs => $3), \
+                   lease_token = $4 \
+                 FROM c WHERE t.id = c.id \
+                 RETURNING t.id, t.topic, t.msg_key, t.payload, t.headers, t.created_at, \
+                   t.attempts, t.not_before, t.seq"
+            ),
+            settle: format!(
+                "WITH d AS ({delivered}), \
+                 db AS (DELETE FROM {t}_blocked b USING d WHERE b.msg_key = d.msg_key AND b.seq = d.seq), \
+                 r AS ( \
+                   UPDATE {t} t SET attempts = t.attempts + 1, last_error = x.err, \
+                     not_before = now() + make_interval(secs => x.delay), {unlease} \
+                   FROM unnest($3::uuid[], $4::text[], $5::float8[]) AS x(id, err, delay) \
+                   WHERE t.id = x.id AND t.lease_token = $1 AND t.{pending_t} \
+                   RETURNING t.msg_key, t.seq), \
+                 rb AS (INSERT INTO {t}_blocked (msg_key, seq) SELECT msg_key, seq FROM r \
+                   WHERE msg_key IS NOT NULL ON CONFLICT DO NOTHING), \
+                 x AS ( \
+                   UPDATE {t} t SET attempts = t.attempts + 1, last_error = x.err, dead_at = now(), {unlease} \
+                   FROM unnest($6::uuid[], $7::text[]) AS x(id, err) \
+                   WHERE t.id = x.id AND t.lease_token = $1 AND t.{pending_t} \
+                   RETURNING t.msg_key, t.seq), \
+                 xb AS ({dead_blocks}), \
+                 rel AS ( \
+                   UPDATE {t} SET {unlease} WHERE id = ANY($8) AND lease_token = $1 AND {pending} \
+                   RETURNING 1) \
+                 SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM r), \
+                        (SELECT count(*) FROM x), (SELECT count(*) FROM rel)",
+                pending_t = "delivered_at IS NULL AND t.dead_at IS NULL",
+            ),
+            heartbeat: format!(
+                "INSERT INTO {t}_relays (owner, alive_until) \
+                 VALUES ($1, now() + make_interval(secs => $2)) \
+                 ON CONFLICT (owner) DO UPDATE SET alive_until = EXCLUDED.alive_until"
+            ),
+            live: format!("SELECT count(*) FROM {t}_relays WHERE alive_until > now()"),
+            mine: format!("SELECT partition FROM {t}_partitions WHERE owner = $1 ORDER BY partition"),
+            release: format!(
+                "UPDATE {t}_partitions SET owner = NULL, lease_until = NULL \
+                 WHERE owner = $1 AND partition = ANY($2)"
+            ),
+            acquire: format!(
+                "UPDATE {t}_partitions SET owner = $1, lease_until = now() + make_interval(secs => $2) \
+                 WHERE partition IN (SELECT partition FROM {t}_partitions \
+                   WHERE owner IS NULL OR lease_until <= now() \
+                   ORDER BY partition LIMIT $3 FOR UPDATE SKIP LOCKED)"
+            ),
+        }
+    }
+}
+
+impl PgStore {
+    /// A store over `pool` with the default configuration. Call
+    /// [`migrate`](Self::migrate) once before use (or run the SQL of
+    /// [`schema`] yourself).
+    pub fn new(pool: PgPool) -> Self {
+        Self::with_config(pool, StoreConfig::default())
+    }
+
+    /// A store with the given configuration. With `listen` on, a background
+    /// task LISTENs for the enqueue side's NOTIFY and reconnects by itself;
+    /// it needs a tokio runtime.
+    pub fn with_config(pool: PgPool, config: StoreConfig) -> Self {
+        let wakeup = Arc::new(Notify::new());
+        let listener = config.listen.then(|| {
+            tokio::spawn(listen(
+                pool.clone(),
+                config.table.channel(),
+                Arc::downgrade(&wakeup),
+            ))
+        });
+        PgStore {
+            inner: Arc::new(Inner {
+                sql: Sql::new(&config),
+                pool,
+                config,
+                owners: Owners::default(),
+                wakeup,
+                listener,
+            }),
+        }
+    }
+
+    /// Creates the tables if they do not exist (see [`migrate`]).
+    pub async fn migrate(&self) -> Result<()> {
+        migrate(&self.inner.pool, &self.inner.config.table).await
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+
+    async fn begin(
+        &self,
+        operation: &'static str,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        let mut tx = self.inner.pool.begin().await.map_err(err(operation))?;
+        if self.inner.config.async_commit {
+            sqlx::query("SET LOCAL synchronous_commit = off")
+                .execute(&mut *tx)
+                .await
+                .map_err(err(operation))?;
+        }
+        Ok(tx)
+    }
+
+    /// Renews the owner's registration and moves partitions towards a fair
+    /// share: `ceil(64 / live relays)` each.
+    async fn rebalance(&self, owner: &RelayId, lease: Duration) -> Result<()> {
+        let sql = &self.inner.sql;
+        let mut tx = self.inner.pool.begin().await.map_err(err("claim"))?;
+        sqlx::query(&sql.heartbeat)
+            .bind(owner.as_str())
+            .bind(secs(lease))
+            .execute(&mut *tx)
+            .await
+            .map_err(err("claim"))?;
+        let live: i64 = sqlx::query_scalar(&sql.live)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err("claim"))?;
+        let target = (i64::from(PARTITIONS) + live.max(1) - 1) / live.max(1);
+        let mine: Vec<i16> = sqlx::query_scalar(&sql.mine)
+            .bind(owner.as_str())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(err("claim"))?;
+        let have = mine.len() as i64;
+        if have > target && !self.inner.owners.busy(owner.as_str()) {
+            let extra: Vec<i16> = mine[target as usize..].to_vec();
+            debug!(%owner, count = extra.len(), "releasing partitions for other relays");
+            sqlx::query(&sql.release)
+                .bind(owner.as_str())
+                .bind(extra)
+                .execute(&mut *tx)
+                .await
+                .map_err(err("claim"))?;
+        } else if have < target {
+            let got = sqlx::query(&sql.acquire)
+                .bind(owner.as_str())
+                .bind(secs(lease))
+                .bind(target - have)
+                .execute(&mut *tx)
+                .await
+                .map_err(err("claim"))?
+                .rows_affected();
+            if got > 0 {
+                debug!(%owner, got, "acquired partitions");
+            }
+        }
+        tx.commit().await.map_err(err("claim"))?;
+        Ok(())
+    }
+
+    fn row_to_message(row: &PgRow) -> Result<(i64, Message)> {
+        let get = |e: sqlx::Error| db_error(ENGINE, "claim", e);
+        let id: Uuid = row.try_get("id").map_err(get)?;
+        let payload: Vec<u8> = row.try_get("payload").map_err(get)?;
+        let headers: serde_json::Value = row.try_get("headers").map_err(get)?;
+        let created: DateTime<Utc> = row.try_get("created_at").map_err(get)?;
+        let not_before: Option<DateTime<Utc>> = row.try_get("not_before").map_err(get)?;
+        let attempts: i32 = row.try_get("attempts").map_err(get)?;
+        let seq: i64 = row.try_get("seq").map_err(get)?;
+        Ok((
+            seq,
+            Message {
+                id: MessageId::from_uuid(id),
+                topic: row.try_get("topic").map_err(get)?,
+                key: row.try_get("msg_key").map_err(get)?,
+                payload: payload.into(),
+                headers: headers_from_json(headers),
+                created_at: SystemTime::from(created),
+                attempts: u32::try_from(attempts).unwrap_or(0),
+                not_before: not_before.map(SystemTime::from),
+            },
+        ))
+    }
+
+    /// The filter for a selector: `$1` a topic or NULL, `$2` ids or NULL.
+    fn selector(selector: &Selector) -> (Option<String>, Option<Vec<Uuid>>) {
+        match selector {
+            Selector::Topic(t) => (Some(t.clone()), None),
+            Selector::Ids(ids) => (None, Some(ids.iter().map(|i| *i.as_uuid()).collect())),
+            _ => (None, None),
+        }
+    }
+}
+
+const SELECTOR_FILTER: &str =
+    "AND ($1::text IS NULL OR topic = $1) AND ($2::uuid[] IS NULL OR id = ANY($2))";
+
+async fn listen(pool: PgPool, channel: String, wakeup: std::sync::Weak<Notify>) {
+    let mut failures = 0u32;
+    loop {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                failures += 1;
+                warn!(error = %e, "outbox LISTEN connection failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(failures.min(25)))).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(&channel).await {
+            warn!(error = %e, "outbox LISTEN failed; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        failures = 0;
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(_)) => {}
+                // The connection was lost: notifications may have been
+                // missed, so wake the relay, and reconnect on the next call.
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(error = %e, "outbox LISTEN connection lost; reconnecting");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    break;
+                }
+            }
+            match wakeup.upgrade() {
+                Some(w) => w.notify_one(),
+                None => return,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn name(&self) -> &str {
+        ENGINE
+    }
+
+    async fn claim(&self, request: &ClaimRequest) -> Result<Claim> {
+        let owner = request.owner.as_str();
+        let owners = &self.inner.owners;
+        if owners.busy(owner) {
+            return Ok(empty_claim(request));
+        }
+        let every = (request.lease / 3).max(Duration::from_millis(100));
+        if owners
+            .get(owner)
+            .rebalanced
+            .is_none_or(|t| t.elapsed() >= every)
+        {
+            self.rebalance(&request.owner, request.lease).await?;
+            owners.update(owner, |s| s.rebalanced = Some(tokio::time::Instant::now()));
+        }
+        let limit = i64::try_from(request.limit).unwrap_or(i64::MAX);
+        let started = tokio::time::Instant::now();
+        let mut tx = self.begin("claim").await?;
+        let token: i64 = sqlx::query_scalar(&self.inner.sql.token)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err("claim"))?;
+        let rows = sqlx::query(&self.inner.sql.claim)
+            .bind(owner)
+            .bind(limit)
+            .bind(secs(request.lease))
+            .bind(token)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(err("claim"))?;
+        let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err("claim"))?;
+        tx.commit().await.map_err(err("claim"))?;
+        let mut messages = rows
+            .iter()
+            .map(Self::row_to_message)
+            .collect::<Result<Vec<_>>>()?;
+        messages.sort_by_key(|(seq, _)| *seq);
+        let token = u64::try_from(token).unwrap_or(0);
+        if !messages.is_empty() {
+            owners.update(owner, |s| {
+                s.outstanding = Some((token, started + request.lease))
+            });
+        }
+        Ok(Claim {
+            lease: Lease {
+                owner: request.owner.clone(),
+                token: FencingToken(token),
+                expires_at: SystemTime::from(now) + request.lease,
+            },
+            messages: messages.into_iter().map(|(_, m)| m).collect(),
+        })
+    }
+
+    async fn settle(&self, lease: &Lease, settlement: &Settlement) -> Result<SettleReport> {
+        if settlement.is_empty() {
+            self.inner
+                .owners
+                .settled(lease.owner.as_str(), lease.token.0);
+            return Ok(SettleReport::default());
+        }
+        let s = dedupe(settlement);
+        let token = i64::try_from(lease.token.0).unwrap_or(-1);
+        let uuids = |ids: &[MessageId]| ids.iter().map(|i| *i.as_uuid()).collect::<Vec<_>>();
+        let mut tx = self.begin("settle").await?;
+        let row = sqlx::query(&self.inner.sql.settle)
+            .bind(token)
+            .bind(uuids(&s.delivered))
+            .bind(
+                s.retries
+                    .iter()
+                    .map(|r| *r.id.as_uuid())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                s.retries
+                    .iter()
+                    .map(|r| r.error.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(s.retries.iter().map(|r| secs(r.delay)).collect::<Vec<_>>())
+            .bind(s.dead.iter().map(|f| *f.id.as_uuid()).collect::<Vec<_>>())
+            .bind(s.dead.iter().map(|f| f.error.as_str()).collect::<Vec<_>>())
+            .bind(uuids(&s.released))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err("settle"))?;
+        tx.commit().await.map_err(err("settle"))?;
+        self.inner
+            .owners
+            .settled(lease.owner.as_str(), lease.token.0);
+        let n = |i: usize| -> Result<u64> {
+            let v: i64 = row.try_get(i).map_err(err("settle"))?;
+            Ok(u64::try_from(v).unwrap_or(0))
+        };
+        Ok(SettleReport {
+            delivered: n(0)?,
+            rescheduled: n(1)?,
+            dead_lettered: n(2)?,
+            released: n(3)?,
+        })
+    }
+
+    async fn notified(&self) {
+        self.inner.wakeup.notified().await
+    }
+
+    async fn stats(&self) -> Result<Option<Stats>> {
+        let t = self.inner.config.table.qualified("");
+        let row = sqlx::query(&format!(
+            "SELECT count(*) FILTER (WHERE dead_at IS NULL) AS backlog, \
+                    EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE dead_at IS NULL))::float8 AS age, \
+                    count(*) FILTER (WHERE dead_at IS NOT NULL) AS dead \
+             FROM {t} WHERE delivered_at IS NULL"
+        ))
+        .fetch_one(&self.inner.pool)
+        .await
+        .map_err(err("stats"))?;
+        let backlog: i64 = row.try_get("backlog").map_err(err("stats"))?;
+        let dead: i64 = row.try_get("dead").map_err(err("stats"))?;
+        let age: Option<f64> = row.try_get("age").map_err(err("stats"))?;
+        Ok(Some(Stats {
+            backlog: u64::try_from(backlog).unwrap_or(0),
+            dead: u64::try_from(dead).unwrap_or(0),
+            oldest_pending_age: age
+                .filter(|a| a.is_finite())
+                .map(|a| Duration::from_secs_f64(a.max(0.0))),
+        }))
+    }
+
+    async fn leave(&self, owner: &RelayId) -> Result<()> {
+        let t = self.inner.config.table.qualified("");
+        if !self.inner.owners.busy(owner.as_str()) {
+            sqlx::query(&format!(
+                "UPDATE {t}_partitions SET owner = NULL, lease_until = NULL WHERE owner = $1"
+            ))
+            .bind(owner.as_str())
+            .execute(&self.inner.pool)
+            .await
+            .map_err(err("leave"))?;
+        }
+        sqlx::query(&format!("DELETE FROM {t}_relays WHERE owner = $1"))
+            .bind(owner.as_str())
+            .execute(&self.inner.pool)
+            .await
+            .map_err(err("leave"))?;
+        self.inner.owners.remove(owner.as_str());
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl DeadLetters for PgStore {
+    async fn list_dead(&self, topic: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>> {
+        let t = self.inner.config.table.qualified("");
+        let rows = sqlx::query(&format!(
+            "SELECT id, topic, msg_key, payload, headers, created_at, attempts, not_before, seq, \
+                    last_error, dead_at \
+             FROM {t} WHERE dead_at IS NOT NULL AND ($1::text IS NULL OR topic = $1) \
+             ORDER BY seq LIMIT $2"
+        ))
+        .bind(topic)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(err("list_dead"))?;
+        rows.iter()
+            .map(|row| {
+                let (_, message) = Self::row_to_message(row)?;
+                let error: Option<String> = row.try_get("last_error").map_err(err("list_dead"))?;
+                let dead_at: DateTime<Utc> = row.try_get("dead_at").map_err(err("list_dead"))?;
+                Ok(DeadLetter {
+                    message,
+                    error: error.unwrap_or_default(),
+                    dead_at: SystemTime::from(dead_at),
+                })
+            })
+            .collect()
+    }
+
+    async fn requeue(&self, selector: &Selector) -> Result<u64> {
+        let t = self.inner.config.table.qualified("");
+        let (topic, ids) = Self::selector(selector);
+        let filter = SELECTOR_FILTER;
+        let n = sqlx::query(&format!(
+            "UPDATE {t} SET dead_at = NULL, attempts = 0, not_before = NULL, \
+               lease_owner = NULL, lease_until = NULL, lease_token = NULL \
+             WHERE dead_at IS NOT NULL AND delivered_at IS NULL {filter}"
+        ))
+        .bind(topic)
+        .bind(ids)
+        .execute(&self.inner.pool)
+        .await
+        .map_err(err("requeue"))?
+        .rows_affected();
+        if n > 0 {
+            self.inner.wakeup.notify_one();
+        }
+        Ok(n)
+    }
+
+    async fn discard(&self, selector: &Selector) -> Result<u64> {
+        let t = self.inner.config.table.qualified("");
+        let (topic, ids) = Self::selector(selector);
+        let filter = SELECTOR_FILTER;
+        let row = sqlx::query(&format!(
+            "WITH x AS (DELETE FROM {t} WHERE dead_at IS NOT NULL {filter} RETURNING msg_key, seq), \
+             xb AS (DELETE FROM {t}_blocked b USING x WHERE b.msg_key = x.msg_key AND b.seq = x.seq) \
+             SELECT count(*) FROM x"
+        ))
+        .bind(topic)
+        .bind(ids)
+        .fetch_one(&self.inner.pool)
+        .await
+        .map_err(err("discard"))?;
+        let n: i64 = row.try_get(0).map_err(err("discard"))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}
+
+#[async_trait]
+impl Purge for PgStore {
+    async fn purge_delivered(&self, older_than: Duration, limit: usize) -> Result<u64> {
+        let t = self.inner.config.table.qualified("");
+        let n = sqlx::query(&format!(
+            "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} \
+               WHERE delivered_at IS NOT NULL AND delivered_at <= now() - make_interval(secs => $1) \
+               LIMIT $2)"
+        ))
+        .bind(secs(older_than))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .execute(&self.inner.pool)
+        .await
+        .map_err(err("purge"))?
+        .rows_affected();
+        Ok(n)
+    }
+}

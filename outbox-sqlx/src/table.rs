@@ -1,0 +1,168 @@
+//! [`TableName`]: the outbox table's name, validated once so that it can be
+//! placed in SQL text safely.
+
+use std::fmt;
+
+use outbox_core::{Error, ValidationError};
+
+/// Longest table (or schema) name part. Derived names (`<table>_partitions`,
+/// `<table>_pending`, ...) must stay within PostgreSQL's 63-byte identifiers.
+pub const MAX_NAME_LEN: usize = 40;
+
+/// A validated outbox table name, optionally schema-qualified (`outbox_messages`,
+/// `app.outbox_messages`).
+///
+/// Each part is 1 to [`MAX_NAME_LEN`] characters of lowercase ASCII letters,
+/// digits and `_`, not starting with a digit. Anything else (quotes,
+/// semicolons, spaces, uppercase) is refused: the name is placed in SQL text,
+/// so it is checked, never escaped.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct TableName {
+    schema: Option<String>,
+    name: String,
+}
+
+impl TableName {
+    /// Validates `s`.
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        let invalid = |reason: &str| -> Error {
+            Error::from(ValidationError::InvalidName {
+                what: "table name",
+                value: s
+                    .chars()
+                    .take(80)
+                    .collect::<String>()
+                    .escape_debug()
+                    .to_string(),
+                reason: reason.to_string(),
+            })
+            .with_backend("sqlx")
+        };
+        let parts: Vec<&str> = s.split('.').collect();
+        if parts.len() > 2 {
+            return Err(invalid("at most one '.' (schema.table)"));
+        }
+        for p in &parts {
+            if p.is_empty() {
+                return Err(invalid("empty name part"));
+            }
+            if p.len() > MAX_NAME_LEN {
+                return Err(invalid("a name part is longer than 40 characters"));
+            }
+            if p.starts_with(|c: char| c.is_ascii_digit()) {
+                return Err(invalid("a name part may not start with a digit"));
+            }
+            if !p
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                return Err(invalid(
+                    "only lowercase letters, digits and '_' are allowed",
+                ));
+            }
+        }
+        Ok(match parts.as_slice() {
+            [schema, name] => TableName {
+                schema: Some(schema.to_string()),
+                name: name.to_string(),
+            },
+            _ => TableName {
+                schema: None,
+                name: s.to_string(),
+            },
+        })
+    }
+
+    /// The schema part, if any.
+    pub fn schema(&self) -> Option<&str> {
+        self.schema.as_deref()
+    }
+
+    /// The table part.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The qualified name of the table, or of a companion object when
+    /// `suffix` is not empty (`app.outbox_messages_partitions`).
+    pub fn qualified(&self, suffix: &str) -> String {
+        match &self.schema {
+            Some(s) => format!("{s}.{}{suffix}", self.name),
+            None => format!("{}{suffix}", self.name),
+        }
+    }
+
+    /// An unqualified companion name (for indexes, which live in the table's
+    /// schema).
+    pub fn local(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.name)
+    }
+
+    /// A name usable as a LISTEN/NOTIFY channel.
+    pub fn channel(&self) -> String {
+        format!("{}_wakeup", self.qualified("").replace('.', "_"))
+    }
+}
+
+impl Default for TableName {
+    fn default() -> Self {
+        TableName {
+            schema: None,
+            name: DEFAULT_TABLE.to_string(),
+        }
+    }
+}
+
+/// The default table name.
+pub const DEFAULT_TABLE: &str = "outbox_messages";
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.qualified(""))
+    }
+}
+
+impl fmt::Debug for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TableName({self})")
+    }
+}
+
+impl std::str::FromStr for TableName {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        TableName::parse(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked_never_escaped() {
+        for ok in ["outbox_messages", "app.outbox", "_x1", "a"] {
+            assert!(TableName::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "outbox; DROP TABLE users; --",
+            "outbox\"",
+            "a.b.c",
+            ".x",
+            "x.",
+            "1abc",
+            "Outbox",
+            "out box",
+            "outbox'--",
+            &"x".repeat(41),
+        ] {
+            let e = TableName::parse(bad).unwrap_err();
+            assert_eq!(e.kind(), outbox_core::ErrorKind::InvalidInput, "{bad}");
+        }
+        let t = TableName::parse("app.events").unwrap();
+        assert_eq!(t.qualified("_partitions"), "app.events_partitions");
+        assert_eq!(t.local("_pending"), "events_pending");
+        assert_eq!(t.channel(), "app_events_wakeup");
+    }
+}

@@ -1,0 +1,71 @@
+//! Shared set-up for the PostgreSQL tests: a pool on the local server and a
+//! fresh schema per store.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use async_trait::async_trait;
+use outbox_core::testing::{StoreHarness, StoreOptions};
+use outbox_core::Message;
+use outbox_sqlx::postgres::PgStore;
+use outbox_sqlx::{Outbox, StoreConfig};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+pub const PG_ADDR: &str = "127.0.0.1:5432";
+
+pub fn pg_url() -> String {
+    std::env::var("OUTBOX_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A pool, or `None` (test skipped with a printed reason) when PostgreSQL is
+/// not reachable and not required.
+pub async fn pool(max: u32) -> Option<PgPool> {
+    if !outbox_core::testing::require_service("postgres", PG_ADDR) {
+        return None;
+    }
+    Some(
+        PgPoolOptions::new()
+            .max_connections(max)
+            .connect(&pg_url())
+            .await
+            .expect("connect to PostgreSQL"),
+    )
+}
+
+/// A fresh schema name.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff)
+}
+
+/// A migrated store in a fresh schema, and its enqueue side.
+pub async fn fresh(pool: &PgPool, config: StoreConfig) -> (PgStore, Outbox) {
+    let table = format!("{}.outbox", unique("t"));
+    let config = config.table(&table).unwrap();
+    let store = PgStore::with_config(pool.clone(), config);
+    store.migrate().await.unwrap();
+    (store, Outbox::new().table(&table).unwrap())
+}
+
+pub struct PgHarness {
+    pub pool: PgPool,
+}
+
+#[async_trait]
+impl StoreHarness for PgHarness {
+    type Store = PgStore;
+
+    async fn store(&self, options: StoreOptions) -> PgStore {
+        let config = StoreConfig::default()
+            .keep_delivered(options.keep_delivered)
+            .hold_dead_letters(options.hold_dead_letters);
+        fresh(&self.pool, config).await.0
+    }
+
+    async fn enqueue(&self, store: &PgStore, messages: Vec<Message>) -> outbox_core::Result<()> {
+        let outbox = Outbox::new().table(&store.config().table.to_string())?;
+        let mut tx = self.pool.begin().await.unwrap();
+        outbox.enqueue_batch(&mut *tx, &messages).await?;
+        tx.commit().await.unwrap();
+        Ok(())
+    }
+}

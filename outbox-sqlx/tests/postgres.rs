@@ -1,0 +1,174 @@
+//! PostgreSQL: the store conformance suite, transactional enqueue, bad input.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{fresh, pool, PgHarness};
+use outbox_core::testing::{store_conformance, RecordingTransport};
+use outbox_core::{ErrorKind, Message, Relay};
+use outbox_sqlx::{Outbox, StoreConfig};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_passes_the_store_suite() {
+    let Some(pool) = pool(20).await else { return };
+    store_conformance(&PgHarness { pool }).await;
+}
+
+async fn count(pool: &sqlx::PgPool, outbox: &Outbox) -> i64 {
+    sqlx::query_scalar(&format!("SELECT count(*) FROM {}", outbox.table_name()))
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn rollback_leaves_no_row_and_commit_exactly_one() {
+    let Some(pool) = pool(5).await else { return };
+    let (_store, outbox) = fresh(&pool, StoreConfig::default()).await;
+    let m = Message::json("orders.placed", &serde_json::json!({"id": 1}))
+        .build()
+        .unwrap();
+
+    let mut tx = pool.begin().await.unwrap();
+    outbox.enqueue(&mut *tx, &m).await.unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(count(&pool, &outbox).await, 0, "rolled back: no row");
+
+    let mut tx = pool.begin().await.unwrap();
+    let id = outbox.enqueue(&mut *tx, &m).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(id, m.id);
+    assert_eq!(count(&pool, &outbox).await, 1, "committed: exactly one row");
+
+    // On a plain connection (autocommit) it commits at once.
+    let mut conn = pool.acquire().await.unwrap();
+    let other = Message::builder("orders.placed", "x").build().unwrap();
+    outbox.enqueue(&mut *conn, &other).await.unwrap();
+    assert_eq!(count(&pool, &outbox).await, 2);
+}
+
+#[tokio::test]
+async fn a_batch_of_ten_thousand_in_one_transaction() {
+    let Some(pool) = pool(5).await else { return };
+    let (store, outbox) = fresh(&pool, StoreConfig::default()).await;
+    let ms: Vec<Message> = (0..10_000)
+        .map(|i| {
+            Message::builder("orders.placed", format!("{{\"n\":{i}}}"))
+                .key(format!("k{}", i % 100))
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let mut tx = pool.begin().await.unwrap();
+    let ids = outbox.enqueue_batch(&mut *tx, &ms).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(ids.len(), 10_000);
+    assert_eq!(count(&pool, &outbox).await, 10_000);
+
+    // Drained in order by one relay.
+    let rec = RecordingTransport::new();
+    let relay = Relay::builder(Arc::new(store), Arc::new(rec.clone()))
+        .batch_size(1_000)
+        .build()
+        .unwrap();
+    let report = relay.drain().await.unwrap();
+    assert_eq!(report.published, 10_000);
+    let got: Vec<_> = rec.messages().iter().map(|m| m.id).collect();
+    assert_eq!(got, ids, "one relay, one key space: enqueue order");
+    assert_eq!(
+        count(&pool, &outbox).await,
+        0,
+        "delivered rows are deleted by default"
+    );
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_before_any_sql() {
+    let Some(pool) = pool(5).await else { return };
+    for bad in [
+        "outbox; DROP TABLE users; --",
+        "outbox\"; --",
+        "public.outbox' OR '1'='1",
+        "Outbox",
+        "a.b.c",
+    ] {
+        let e = Outbox::new().table(bad).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad}");
+        assert!(StoreConfig::default().table(bad).is_err());
+    }
+    let (_store, outbox) = fresh(&pool, StoreConfig::default()).await;
+    let outbox = outbox.max_payload(1024);
+    let mut tx = pool.begin().await.unwrap();
+    let too_big = Message::builder("orders.placed", vec![0u8; 2048])
+        .build()
+        .unwrap();
+    let e = outbox.enqueue(&mut *tx, &too_big).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::TooLarge);
+    // A message built by hand, bypassing the builder, is still checked.
+    let mut sneaky = Message::builder("orders.placed", "x").build().unwrap();
+    sneaky.topic = "orders'; DELETE FROM outbox; --".into();
+    let e = outbox.enqueue(&mut *tx, &sneaky).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    let mut bad_header = Message::builder("orders.placed", "x").build().unwrap();
+    bad_header.headers.insert("bad name".into(), "v".into());
+    assert!(outbox.enqueue(&mut *tx, &bad_header).await.is_err());
+    // The transaction is still usable: nothing was sent.
+    let ok = Message::builder("orders.placed", "x").build().unwrap();
+    outbox.enqueue(&mut *tx, &ok).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(count(&pool, &outbox).await, 1);
+}
+
+#[tokio::test]
+async fn a_missing_table_is_a_permanent_config_error() {
+    let Some(pool) = pool(5).await else { return };
+    let outbox = Outbox::new().table("no_such_schema_x.outbox").unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    let m = Message::builder("orders.placed", "x").build().unwrap();
+    let e = outbox.enqueue(&mut *conn, &m).await.unwrap_err();
+    assert!(!e.is_transient(), "{e}");
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+}
+
+#[tokio::test]
+async fn migrate_is_idempotent_and_safe_to_run_concurrently() {
+    let Some(pool) = pool(10).await else { return };
+    let table = format!("{}.outbox", common::unique("m"));
+    let config = StoreConfig::default().table(&table).unwrap();
+    let stores: Vec<_> = (0..4)
+        .map(|_| outbox_sqlx::postgres::PgStore::with_config(pool.clone(), config.clone()))
+        .collect();
+    let runs = stores.iter().map(|s| s.migrate());
+    for r in futures_join(runs).await {
+        r.unwrap();
+    }
+    stores[0].migrate().await.unwrap();
+}
+
+async fn futures_join<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let handles: Vec<_> = fs.collect();
+    let mut out = Vec::new();
+    // Poll them concurrently on this task.
+    let mut pinned: Vec<_> = handles.into_iter().map(Box::pin).collect();
+    let results = std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (i, f) in pinned.iter_mut().enumerate() {
+            if out.iter().any(|(j, _)| *j == i) {
+                continue;
+            }
+            match f.as_mut().poll(cx) {
+                std::task::Poll::Ready(v) => out.push((i, v)),
+                std::task::Poll::Pending => done = false,
+            }
+        }
+        if done {
+            std::task::Poll::Ready(std::mem::take(&mut out))
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    results.into_iter().map(|(_, v)| v).collect()
+}
