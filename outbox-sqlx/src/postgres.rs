@@ -521,7 +521,8 @@ impl Store for PgStore {
         if owners.busy(owner) {
             return Ok(empty_claim(request));
         }
-        let every = (request.lease / 3).max(Duration::from_millis(100));
+        // Often enough that a new relay gets its share within a second.
+        let every = (request.lease / 3).clamp(Duration::from_millis(100), Duration::from_secs(1));
         if owners
             .get(owner)
             .rebalanced
