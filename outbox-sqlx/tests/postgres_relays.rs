@@ -43,7 +43,10 @@ fn check(published: &[Message], order: &HashMap<MessageId, (String, usize)>) -> 
         }
         let (key, pos) = &order[&m.id];
         if let Some(prev) = last.insert(key.as_str(), *pos) {
-            assert!(prev < *pos, "key {key}: message #{pos} first delivered after #{prev}");
+            assert!(
+                prev < *pos,
+                "key {key}: message #{pos} first delivered after #{prev}"
+            );
         }
     }
     dups
@@ -100,8 +103,12 @@ async fn three_relays_keep_order_per_key_under_random_failures() {
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     loop {
-        let distinct: HashSet<MessageId> =
-            transport.recorder().messages().iter().map(|m| m.id).collect();
+        let distinct: HashSet<MessageId> = transport
+            .recorder()
+            .messages()
+            .iter()
+            .map(|m| m.id)
+            .collect();
         if distinct.len() == total || tokio::time::Instant::now() > deadline {
             break;
         }
@@ -123,7 +130,10 @@ async fn three_relays_keep_order_per_key_under_random_failures() {
          duplicates {dups}, lease lost {lost_leases}",
         reports.iter().map(|r| r.retried).sum::<u64>()
     );
-    assert!(shares.iter().all(|s| *s > 0), "every relay got a share: {shares:?}");
+    assert!(
+        shares.iter().all(|s| *s > 0),
+        "every relay got a share: {shares:?}"
+    );
     if lost_leases == 0 {
         assert_eq!(dups, 0, "no duplicate without a lost lease");
     }
@@ -155,7 +165,12 @@ async fn terminated_connections_are_transient_and_the_relay_recovers() {
         .build()
         .unwrap();
     let messages: Vec<Message> = (0..1_000)
-        .map(|i| Message::builder("orders.placed", "x").key(format!("k{}", i % 10)).build().unwrap())
+        .map(|i| {
+            Message::builder("orders.placed", "x")
+                .key(format!("k{}", i % 10))
+                .build()
+                .unwrap()
+        })
         .collect();
     let mut tx = admin.begin().await.unwrap();
     outbox.enqueue_batch(&mut *tx, &messages).await.unwrap();
@@ -172,15 +187,27 @@ async fn terminated_connections_are_transient_and_the_relay_recovers() {
         killed += terminate(&admin, &name).await;
     }
     assert!(killed > 0, "the relay's connections were terminated");
-    let n = transport.recorder().wait_for(1_000, Duration::from_secs(60)).await;
+    let n = transport
+        .recorder()
+        .wait_for(1_000, Duration::from_secs(60))
+        .await;
     cancel.cancel();
     let report = run.await.unwrap();
-    let distinct: HashSet<MessageId> = transport.recorder().messages().iter().map(|m| m.id).collect();
+    let distinct: HashSet<MessageId> = transport
+        .recorder()
+        .messages()
+        .iter()
+        .map(|m| m.id)
+        .collect();
     println!(
         "terminated {killed} connections; published {n}, settled {}, lease lost {}",
         report.published, report.lease_lost
     );
-    assert_eq!(distinct.len(), 1_000, "every message delivered without a restart");
+    assert_eq!(
+        distinct.len(),
+        1_000,
+        "every message delivered without a restart"
+    );
     let left: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
         .fetch_one(&admin)
         .await
@@ -206,7 +233,12 @@ async fn a_relay_cut_off_mid_batch_loses_its_lease_to_another() {
         .build()
         .unwrap();
     let messages: Vec<Message> = (0..50)
-        .map(|i| Message::builder("orders.placed", "x").key(format!("k{}", i % 5)).build().unwrap())
+        .map(|i| {
+            Message::builder("orders.placed", "x")
+                .key(format!("k{}", i % 5))
+                .build()
+                .unwrap()
+        })
         .collect();
     let mut tx = admin.begin().await.unwrap();
     outbox.enqueue_batch(&mut *tx, &messages).await.unwrap();
