@@ -33,7 +33,14 @@ fn classify(e: &sqlx::Error) -> (ErrorKind, bool, String) {
             "bad database configuration".into(),
         ),
         sqlx::Error::Database(db) => {
-            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+            #[allow(unused_mut)]
+            let mut code = db.code().map(|c| c.to_string()).unwrap_or_default();
+            // MySQL's SQLSTATEs are coarse (HY000 for most); its error
+            // numbers say more.
+            #[cfg(feature = "mysql")]
+            if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+                code = my.number().to_string();
+            }
             let (kind, transient) = classify_code(&code);
             (kind, transient, format!("database error {code}"))
         }

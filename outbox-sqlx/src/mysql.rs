@@ -1,1 +1,812 @@
-//! placeholder
+//! MySQL 8 / MariaDB 10.6+: enqueue on `MySqlConnection`, [`MySqlStore`] for
+//! relays, migrations.
+//!
+//! The same design as PostgreSQL (see `crate::postgres`): virtual partitions
+//! leased by relays, a blocked-keys table for retries, fencing tokens. A
+//! claim is `SELECT … FOR UPDATE SKIP LOCKED` in a short READ COMMITTED
+//! transaction followed by the lease update. Times are UTC (`UTC_TIMESTAMP(6)`,
+//! the database clock) in `DATETIME(6)` columns.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use outbox_core::{
+    Claim, ClaimRequest, DeadLetter, DeadLetters, Error, FencingToken, Lease, Message, MessageId,
+    Purge, RelayId, Result, Selector, SettleReport, Settlement, Stats, Store,
+};
+use sqlx::mysql::{MySqlPool, MySqlRow};
+use sqlx::types::chrono::{DateTime, NaiveDateTime, Utc};
+use sqlx::{Acquire, MySqlConnection, Row};
+use tokio::sync::Notify;
+use tracing::debug;
+
+use crate::error::db_error;
+use crate::{
+    dedupe, empty_claim, headers_from_json, sealed, Enqueue, Outbox, Owners, StoreConfig,
+    TableName, PARTITIONS,
+};
+
+const ENGINE: &str = "mysql";
+
+fn err(operation: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+    move |e| db_error(ENGINE, operation, e)
+}
+
+fn utc(t: SystemTime) -> NaiveDateTime {
+    DateTime::<Utc>::from(t).naive_utc()
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// `?, ?, ?` for `n` values.
+fn marks(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+/// The schema for `table`, as `migrate` applies it.
+pub fn schema(table: &TableName) -> String {
+    let t = table.qualified("");
+    let name = table.name();
+    let create_db = table
+        .schema()
+        .map(|s| format!("CREATE DATABASE IF NOT EXISTS {s};\n"))
+        .unwrap_or_default();
+    let parts = (0..PARTITIONS)
+        .map(|p| format!("({p})"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"{create_db}CREATE TABLE IF NOT EXISTS {t} (
+    seq          BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    id           VARCHAR(36) NOT NULL,
+    topic        VARCHAR(255) NOT NULL,
+    msg_key      VARCHAR(1024) NULL,
+    key_hash     BINARY(32) AS (UNHEX(SHA2(msg_key, 256))) VIRTUAL,
+    `partition`  SMALLINT AS (CRC32(COALESCE(msg_key, id)) & {mask}) STORED,
+    payload      LONGBLOB NOT NULL,
+    headers      LONGTEXT NOT NULL,
+    created_at   DATETIME(6) NOT NULL,
+    not_before   DATETIME(6) NULL,
+    attempts     INT NOT NULL DEFAULT 0,
+    last_error   TEXT NULL,
+    lease_owner  VARCHAR(255) NULL,
+    lease_until  DATETIME(6) NULL,
+    lease_token  BIGINT NULL,
+    delivered_at DATETIME(6) NULL,
+    dead_at      DATETIME(6) NULL,
+    UNIQUE KEY {name}_id (id),
+    KEY {name}_pending (delivered_at, dead_at, seq)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+CREATE TABLE IF NOT EXISTS {t}_partitions (
+    `partition`  SMALLINT PRIMARY KEY,
+    owner        VARCHAR(255) NULL,
+    lease_until  DATETIME(6) NULL
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+INSERT IGNORE INTO {t}_partitions (`partition`) VALUES {parts};
+CREATE TABLE IF NOT EXISTS {t}_relays (
+    owner       VARCHAR(255) PRIMARY KEY,
+    alive_until DATETIME(6) NOT NULL
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+CREATE TABLE IF NOT EXISTS {t}_blocked (
+    key_hash BINARY(32) NOT NULL,
+    seq      BIGINT NOT NULL,
+    PRIMARY KEY (key_hash, seq)
+) ENGINE=InnoDB;
+CREATE TABLE IF NOT EXISTS {t}_token (
+    id    TINYINT PRIMARY KEY,
+    value BIGINT NOT NULL
+) ENGINE=InnoDB;
+INSERT IGNORE INTO {t}_token (id, value) VALUES (1, 0);
+"#,
+        mask = PARTITIONS - 1,
+    )
+}
+
+/// Creates the outbox tables (and the database of a qualified name) if they
+/// do not exist. Idempotent; a named lock serialises concurrent runs.
+pub async fn migrate(pool: &MySqlPool, table: &TableName) -> Result<()> {
+    let ddl = schema(table);
+    let lock = format!("outbox-migrate:{table}");
+    let mut conn = pool.acquire().await.map_err(err("migrate"))?;
+    sqlx::query("SELECT GET_LOCK(?, 60)")
+        .bind(&lock)
+        .execute(&mut *conn)
+        .await
+        .map_err(err("migrate"))?;
+    let mut result = Ok(());
+    for statement in ddl.split(";\n").map(str::trim).filter(|s| !s.is_empty()) {
+        if let Err(e) = sqlx::query(statement).execute(&mut *conn).await {
+            result = Err(db_error(ENGINE, "migrate", e));
+            break;
+        }
+    }
+    sqlx::query("SELECT RELEASE_LOCK(?)")
+        .bind(&lock)
+        .execute(&mut *conn)
+        .await
+        .map_err(err("migrate"))?;
+    result
+}
+
+impl sealed::Sealed for MySqlConnection {}
+
+#[async_trait]
+impl Enqueue for MySqlConnection {
+    async fn insert(&mut self, outbox: &Outbox, messages: &[Message]) -> Result<()> {
+        let t = outbox.table_name().qualified("");
+        let rows = vec!["(?, ?, ?, ?, ?, ?, ?)"; messages.len()].join(", ");
+        let sql = format!(
+            "INSERT INTO {t} (id, topic, msg_key, payload, headers, created_at, not_before) VALUES {rows}"
+        );
+        let mut q = sqlx::query(&sql);
+        for m in messages {
+            q = q
+                .bind(m.id.to_string())
+                .bind(m.topic.as_str())
+                .bind(m.key.as_deref())
+                .bind(m.payload.as_ref())
+                .bind(serde_json::to_string(&m.headers).unwrap_or_else(|_| "{}".into()))
+                .bind(utc(m.created_at))
+                .bind(m.not_before.map(utc));
+        }
+        q.execute(&mut *self).await.map_err(err("enqueue"))?;
+        // A delayed keyed message holds back later messages of its key.
+        let delayed: Vec<String> = messages
+            .iter()
+            .filter(|m| m.key.is_some() && m.not_before.is_some())
+            .map(|m| m.id.to_string())
+            .collect();
+        if !delayed.is_empty() {
+            let sql = format!(
+                "INSERT IGNORE INTO {t}_blocked (key_hash, seq) SELECT key_hash, seq FROM {t} \
+                 WHERE id IN ({})",
+                marks(delayed.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for id in &delayed {
+                q = q.bind(id);
+            }
+            q.execute(&mut *self).await.map_err(err("enqueue"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The relay-side store on MySQL / MariaDB. Cheap to clone.
+#[derive(Clone)]
+pub struct MySqlStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: MySqlPool,
+    config: StoreConfig,
+    owners: Owners,
+    wakeup: Notify,
+}
+
+impl std::fmt::Debug for MySqlStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MySqlStore")
+            .field("config", &self.inner.config)
+            .finish()
+    }
+}
+
+// Text columns use a binary collation (exact comparison), which the MySQL
+// protocol reports as binary: cast them back to text for decoding.
+const COLUMNS: &str = "CAST(id AS CHAR) AS id, CAST(topic AS CHAR) AS topic, \
+     CAST(msg_key AS CHAR) AS msg_key, payload, CAST(headers AS CHAR) AS headers, created_at, \
+     attempts, not_before, seq";
+const PENDING: &str = "delivered_at IS NULL AND dead_at IS NULL";
+const UNLEASE: &str = "lease_owner = NULL, lease_until = NULL, lease_token = NULL";
+const NOW: &str = "UTC_TIMESTAMP(6)";
+
+impl MySqlStore {
+    /// A store over `pool` with the default configuration. Call
+    /// [`migrate`](Self::migrate) once before use.
+    pub fn new(pool: MySqlPool) -> Self {
+        Self::with_config(pool, StoreConfig::default())
+    }
+
+    /// A store with the given configuration (`listen` and `async_commit` do
+    /// not apply to MySQL).
+    pub fn with_config(pool: MySqlPool, config: StoreConfig) -> Self {
+        MySqlStore {
+            inner: Arc::new(Inner {
+                pool,
+                config,
+                owners: Owners::default(),
+                wakeup: Notify::new(),
+            }),
+        }
+    }
+
+    /// Creates the tables if they do not exist (see [`migrate`]).
+    pub async fn migrate(&self) -> Result<()> {
+        migrate(&self.inner.pool, &self.inner.config.table).await
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &MySqlPool {
+        &self.inner.pool
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+
+    fn table(&self) -> String {
+        self.inner.config.table.qualified("")
+    }
+
+    /// A READ COMMITTED transaction: InnoDB then locks only the rows a
+    /// locking read returns.
+    async fn begin(
+        &self,
+        conn: &mut sqlx::pool::PoolConnection<sqlx::MySql>,
+        operation: &'static str,
+    ) -> Result<()> {
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .execute(&mut **conn)
+            .await
+            .map_err(err(operation))?;
+        Ok(())
+    }
+
+    async fn rebalance(&self, owner: &RelayId, lease: Duration) -> Result<()> {
+        let t = self.table();
+        let mut conn = self.inner.pool.acquire().await.map_err(err("claim"))?;
+        self.begin(&mut conn, "claim").await?;
+        let mut tx = conn.begin().await.map_err(err("claim"))?;
+        sqlx::query(&format!(
+            "INSERT INTO {t}_relays (owner, alive_until) VALUES (?, {NOW} + INTERVAL ? MICROSECOND) \
+             ON DUPLICATE KEY UPDATE alive_until = VALUES(alive_until)"
+        ))
+        .bind(owner.as_str())
+        .bind(micros(lease))
+        .execute(&mut *tx)
+        .await
+        .map_err(err("claim"))?;
+        let live: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {t}_relays WHERE alive_until > {NOW}"
+        ))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(err("claim"))?;
+        let target = (i64::from(PARTITIONS) + live.max(1) - 1) / live.max(1);
+        let mine: Vec<i16> = sqlx::query_scalar(&format!(
+            "SELECT `partition` FROM {t}_partitions WHERE owner = ? ORDER BY `partition`"
+        ))
+        .bind(owner.as_str())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(err("claim"))?;
+        let have = mine.len() as i64;
+        if have > target && !self.inner.owners.busy(owner.as_str()) {
+            let extra = &mine[usize::try_from(target).unwrap_or(0)..];
+            let sql = format!(
+                "UPDATE {t}_partitions SET owner = NULL, lease_until = NULL \
+                 WHERE owner = ? AND `partition` IN ({})",
+                marks(extra.len())
+            );
+            let mut q = sqlx::query(&sql).bind(owner.as_str());
+            for p in extra {
+                q = q.bind(*p);
+            }
+            q.execute(&mut *tx).await.map_err(err("claim"))?;
+            debug!(%owner, count = extra.len(), "releasing partitions for other relays");
+        } else if have < target {
+            let free: Vec<i16> = sqlx::query_scalar(&format!(
+                "SELECT `partition` FROM {t}_partitions \
+                 WHERE owner IS NULL OR lease_until <= {NOW} \
+                 ORDER BY `partition` LIMIT ? FOR UPDATE SKIP LOCKED"
+            ))
+            .bind(target - have)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(err("claim"))?;
+            if !free.is_empty() {
+                let sql = format!(
+                    "UPDATE {t}_partitions SET owner = ?, lease_until = {NOW} + INTERVAL ? MICROSECOND \
+                     WHERE `partition` IN ({})",
+                    marks(free.len())
+                );
+                let mut q = sqlx::query(&sql).bind(owner.as_str()).bind(micros(lease));
+                for p in &free {
+                    q = q.bind(*p);
+                }
+                q.execute(&mut *tx).await.map_err(err("claim"))?;
+            }
+        }
+        tx.commit().await.map_err(err("claim"))?;
+        Ok(())
+    }
+
+    fn row_to_message(row: &MySqlRow) -> Result<(i64, Message)> {
+        let get = |e: sqlx::Error| db_error(ENGINE, "claim", e);
+        let id: String = row.try_get("id").map_err(get)?;
+        let id: MessageId = id.parse().map_err(|e: outbox_core::ValidationError| {
+            Error::from(e).with_backend(ENGINE).with_operation("claim")
+        })?;
+        let payload: Vec<u8> = row.try_get("payload").map_err(get)?;
+        let headers: String = row.try_get("headers").map_err(get)?;
+        let headers = serde_json::from_str(&headers).unwrap_or(serde_json::Value::Null);
+        let created: NaiveDateTime = row.try_get("created_at").map_err(get)?;
+        let not_before: Option<NaiveDateTime> = row.try_get("not_before").map_err(get)?;
+        let attempts: i32 = row.try_get("attempts").map_err(get)?;
+        let seq: i64 = row.try_get("seq").map_err(get)?;
+        Ok((
+            seq,
+            Message {
+                id,
+                topic: row.try_get("topic").map_err(get)?,
+                key: row.try_get("msg_key").map_err(get)?,
+                payload: payload.into(),
+                headers: headers_from_json(headers),
+                created_at: SystemTime::from(created.and_utc()),
+                attempts: u32::try_from(attempts).unwrap_or(0),
+                not_before: not_before.map(|n| SystemTime::from(n.and_utc())),
+            },
+        ))
+    }
+
+    /// `WHERE` filter and its binds for a selector.
+    fn selector(selector: &Selector) -> (String, Vec<String>) {
+        match selector {
+            Selector::Topic(t) => ("AND topic = ?".into(), vec![t.clone()]),
+            Selector::Ids(ids) if ids.is_empty() => ("AND FALSE".into(), Vec::new()),
+            Selector::Ids(ids) => (
+                format!("AND id IN ({})", marks(ids.len())),
+                ids.iter().map(|i| i.to_string()).collect(),
+            ),
+            _ => (String::new(), Vec::new()),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for MySqlStore {
+    fn name(&self) -> &str {
+        ENGINE
+    }
+
+    async fn claim(&self, request: &ClaimRequest) -> Result<Claim> {
+        let owner = request.owner.as_str();
+        let owners = &self.inner.owners;
+        if owners.busy(owner) {
+            return Ok(empty_claim(request));
+        }
+        let every = (request.lease / 3).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        if owners
+            .get(owner)
+            .rebalanced
+            .is_none_or(|t| t.elapsed() >= every)
+        {
+            self.rebalance(&request.owner, request.lease).await?;
+            owners.update(owner, |s| s.rebalanced = Some(tokio::time::Instant::now()));
+        }
+        let t = self.table();
+        let lease = micros(request.lease);
+        let started = tokio::time::Instant::now();
+        let mut conn = self.inner.pool.acquire().await.map_err(err("claim"))?;
+        self.begin(&mut conn, "claim").await?;
+        let mut tx = conn.begin().await.map_err(err("claim"))?;
+        let token = sqlx::query(&format!(
+            "UPDATE {t}_token SET value = LAST_INSERT_ID(value + 1) WHERE id = 1"
+        ))
+        .execute(&mut *tx)
+        .await
+        .map_err(err("claim"))?
+        .last_insert_id();
+        // Renewing the partition leases together with the row leases keeps
+        // every row lease inside its partition's lease.
+        sqlx::query(&format!(
+            "UPDATE {t}_partitions SET lease_until = {NOW} + INTERVAL ? MICROSECOND WHERE owner = ?"
+        ))
+        .bind(lease)
+        .bind(owner)
+        .execute(&mut *tx)
+        .await
+        .map_err(err("claim"))?;
+        let parts: Vec<i16> = sqlx::query_scalar(&format!(
+            "SELECT `partition` FROM {t}_partitions WHERE owner = ?"
+        ))
+        .bind(owner)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(err("claim"))?;
+        let mut rows = Vec::new();
+        let mut now = Utc::now().naive_utc();
+        if !parts.is_empty() {
+            // Candidates by a plain read: a locking read would also lock (and,
+            // with SKIP LOCKED, skip) rows of the blocked-keys subquery.
+            let sql = format!(
+                "SELECT seq FROM {t} m WHERE m.{PENDING} AND m.`partition` IN ({}) \
+                   AND (m.not_before IS NULL OR m.not_before <= {NOW}) \
+                   AND (m.lease_until IS NULL OR m.lease_until <= {NOW}) \
+                   AND NOT EXISTS (SELECT 1 FROM {t}_blocked b \
+                                   WHERE b.key_hash = m.key_hash AND b.seq < m.seq) \
+                 ORDER BY m.seq LIMIT ?",
+                marks(parts.len())
+            );
+            let mut q = sqlx::query_scalar::<_, i64>(&sql);
+            for p in &parts {
+                q = q.bind(*p);
+            }
+            let candidates = q
+                .bind(i64::try_from(request.limit).unwrap_or(i64::MAX))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(err("claim"))?;
+            // Then lock them, re-checking they are still free. If one is
+            // locked elsewhere, keep only the candidates before it: a prefix
+            // in seq order never skips an earlier message of a key.
+            let mut seqs = Vec::new();
+            if !candidates.is_empty() {
+                let lock = format!(
+                    "SELECT seq FROM {t} WHERE seq IN ({}) AND {PENDING} \
+                       AND (lease_until IS NULL OR lease_until <= {NOW}) \
+                     ORDER BY seq FOR UPDATE SKIP LOCKED",
+                    marks(candidates.len())
+                );
+                let mut q = sqlx::query_scalar::<_, i64>(&lock);
+                for c in &candidates {
+                    q = q.bind(*c);
+                }
+                let locked = q.fetch_all(&mut *tx).await.map_err(err("claim"))?;
+                for (c, l) in candidates.iter().zip(&locked) {
+                    if c != l {
+                        break;
+                    }
+                    seqs.push(*c);
+                }
+            }
+            if !seqs.is_empty() {
+                let update = format!(
+                    "UPDATE {t} SET lease_owner = ?, lease_until = {NOW} + INTERVAL ? MICROSECOND, \
+                       lease_token = ? WHERE seq IN ({})",
+                    marks(seqs.len())
+                );
+                let mut q = sqlx::query(&update).bind(owner).bind(lease).bind(token);
+                for s in &seqs {
+                    q = q.bind(*s);
+                }
+                q.execute(&mut *tx).await.map_err(err("claim"))?;
+                let select = format!(
+                    "SELECT {COLUMNS}, {NOW} AS now FROM {t} WHERE seq IN ({}) ORDER BY seq",
+                    marks(seqs.len())
+                );
+                let mut q = sqlx::query(&select);
+                for s in &seqs {
+                    q = q.bind(*s);
+                }
+                rows = q.fetch_all(&mut *tx).await.map_err(err("claim"))?;
+                if let Some(r) = rows.first() {
+                    now = r.try_get("now").map_err(err("claim"))?;
+                }
+            }
+        }
+        tx.commit().await.map_err(err("claim"))?;
+        let messages = rows
+            .iter()
+            .map(|r| Self::row_to_message(r).map(|(_, m)| m))
+            .collect::<Result<Vec<_>>>()?;
+        if !messages.is_empty() {
+            owners.update(owner, |s| {
+                s.outstanding = Some((token, started + request.lease))
+            });
+        }
+        Ok(Claim {
+            lease: Lease {
+                owner: request.owner.clone(),
+                token: FencingToken(token),
+                expires_at: SystemTime::from(now.and_utc()) + request.lease,
+            },
+            messages,
+        })
+    }
+
+    async fn settle(&self, lease: &Lease, settlement: &Settlement) -> Result<SettleReport> {
+        if settlement.is_empty() {
+            self.inner
+                .owners
+                .settled(lease.owner.as_str(), lease.token.0);
+            return Ok(SettleReport::default());
+        }
+        let t = self.table();
+        let s = dedupe(settlement);
+        let token = i64::try_from(lease.token.0).unwrap_or(-1);
+        let ours = format!("m.lease_token = ? AND m.{PENDING}");
+        let mut report = SettleReport::default();
+        let mut conn = self.inner.pool.acquire().await.map_err(err("settle"))?;
+        self.begin(&mut conn, "settle").await?;
+        let mut tx = conn.begin().await.map_err(err("settle"))?;
+
+        if !s.delivered.is_empty() {
+            let ids: Vec<String> = s.delivered.iter().map(|i| i.to_string()).collect();
+            let list = marks(ids.len());
+            let unblock = format!(
+                "DELETE b FROM {t}_blocked b JOIN {t} m ON b.key_hash = m.key_hash AND b.seq = m.seq \
+                 WHERE {ours} AND m.id IN ({list})"
+            );
+            let done = if self.inner.config.keep_delivered {
+                format!("UPDATE {t} m SET m.delivered_at = {NOW}, {UNLEASE} WHERE {ours} AND m.id IN ({list})")
+            } else {
+                format!("DELETE m FROM {t} m WHERE {ours} AND m.id IN ({list})")
+            };
+            for (i, sql) in [unblock, done].iter().enumerate() {
+                let mut q = sqlx::query(sql).bind(token);
+                for id in &ids {
+                    q = q.bind(id);
+                }
+                let n = q
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err("settle"))?
+                    .rows_affected();
+                if i == 1 {
+                    report.delivered = n;
+                }
+            }
+        }
+
+        // Per-row values travel as a derived table of UNION ALL selects.
+        let rows_of = |n: usize, cols: &[&str]| -> String {
+            let first = cols
+                .iter()
+                .map(|c| format!("? AS {c}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let rest = vec!["?"; cols.len()].join(", ");
+            let mut sql = format!("SELECT {first}");
+            for _ in 1..n {
+                sql.push_str(&format!(" UNION ALL SELECT {rest}"));
+            }
+            sql
+        };
+
+        if !s.retries.is_empty() {
+            let ids: Vec<String> = s.retries.iter().map(|r| r.id.to_string()).collect();
+            let block = format!(
+                "INSERT IGNORE INTO {t}_blocked (key_hash, seq) SELECT m.key_hash, m.seq FROM {t} m \
+                 WHERE {ours} AND m.msg_key IS NOT NULL AND m.id IN ({})",
+                marks(ids.len())
+            );
+            let mut q = sqlx::query(&block).bind(token);
+            for id in &ids {
+                q = q.bind(id);
+            }
+            q.execute(&mut *tx).await.map_err(err("settle"))?;
+            let update = format!(
+                "UPDATE {t} m JOIN ({}) x ON m.id = x.id \
+                 SET m.attempts = m.attempts + 1, m.last_error = x.err, \
+                   m.not_before = {NOW} + INTERVAL x.delay MICROSECOND, {UNLEASE} \
+                 WHERE {ours}",
+                rows_of(s.retries.len(), &["id", "err", "delay"])
+            );
+            let mut q = sqlx::query(&update);
+            for r in &s.retries {
+                q = q
+                    .bind(r.id.to_string())
+                    .bind(r.error.as_str())
+                    .bind(micros(r.delay));
+            }
+            report.rescheduled = q
+                .bind(token)
+                .execute(&mut *tx)
+                .await
+                .map_err(err("settle"))?
+                .rows_affected();
+        }
+
+        if !s.dead.is_empty() {
+            let ids: Vec<String> = s.dead.iter().map(|f| f.id.to_string()).collect();
+            let blocks = if self.inner.config.hold_dead_letters {
+                format!(
+                    "INSERT IGNORE INTO {t}_blocked (key_hash, seq) SELECT m.key_hash, m.seq FROM {t} m \
+                     WHERE {ours} AND m.msg_key IS NOT NULL AND m.id IN ({})",
+                    marks(ids.len())
+                )
+            } else {
+                format!(
+                    "DELETE b FROM {t}_blocked b JOIN {t} m ON b.key_hash = m.key_hash AND b.seq = m.seq \
+                     WHERE {ours} AND m.id IN ({})",
+                    marks(ids.len())
+                )
+            };
+            let mut q = sqlx::query(&blocks).bind(token);
+            for id in &ids {
+                q = q.bind(id);
+            }
+            q.execute(&mut *tx).await.map_err(err("settle"))?;
+            let update = format!(
+                "UPDATE {t} m JOIN ({}) x ON m.id = x.id \
+                 SET m.attempts = m.attempts + 1, m.last_error = x.err, m.dead_at = {NOW}, {UNLEASE} \
+                 WHERE {ours}",
+                rows_of(s.dead.len(), &["id", "err"])
+            );
+            let mut q = sqlx::query(&update);
+            for f in &s.dead {
+                q = q.bind(f.id.to_string()).bind(f.error.as_str());
+            }
+            report.dead_lettered = q
+                .bind(token)
+                .execute(&mut *tx)
+                .await
+                .map_err(err("settle"))?
+                .rows_affected();
+        }
+
+        if !s.released.is_empty() {
+            let sql = format!(
+                "UPDATE {t} m SET {UNLEASE} WHERE {ours} AND m.id IN ({})",
+                marks(s.released.len())
+            );
+            let mut q = sqlx::query(&sql).bind(token);
+            for id in &s.released {
+                q = q.bind(id.to_string());
+            }
+            report.released = q
+                .execute(&mut *tx)
+                .await
+                .map_err(err("settle"))?
+                .rows_affected();
+        }
+        tx.commit().await.map_err(err("settle"))?;
+        self.inner
+            .owners
+            .settled(lease.owner.as_str(), lease.token.0);
+        Ok(report)
+    }
+
+    async fn notified(&self) {
+        self.inner.wakeup.notified().await
+    }
+
+    async fn stats(&self) -> Result<Option<Stats>> {
+        let t = self.table();
+        let row = sqlx::query(&format!(
+            "SELECT CAST(COALESCE(SUM(dead_at IS NULL), 0) AS SIGNED) AS backlog, \
+                    CAST(COALESCE(SUM(dead_at IS NOT NULL), 0) AS SIGNED) AS dead, \
+                    CAST(TIMESTAMPDIFF(MICROSECOND, MIN(CASE WHEN dead_at IS NULL THEN created_at END), {NOW}) AS SIGNED) AS age \
+             FROM {t} WHERE delivered_at IS NULL"
+        ))
+        .fetch_one(&self.inner.pool)
+        .await
+        .map_err(err("stats"))?;
+        let backlog: i64 = row.try_get("backlog").map_err(err("stats"))?;
+        let dead: i64 = row.try_get("dead").map_err(err("stats"))?;
+        let age: Option<i64> = row.try_get("age").map_err(err("stats"))?;
+        Ok(Some(Stats {
+            backlog: u64::try_from(backlog).unwrap_or(0),
+            dead: u64::try_from(dead).unwrap_or(0),
+            oldest_pending_age: age.map(|a| Duration::from_micros(u64::try_from(a).unwrap_or(0))),
+        }))
+    }
+
+    async fn leave(&self, owner: &RelayId) -> Result<()> {
+        let t = self.table();
+        if !self.inner.owners.busy(owner.as_str()) {
+            sqlx::query(&format!(
+                "UPDATE {t}_partitions SET owner = NULL, lease_until = NULL WHERE owner = ?"
+            ))
+            .bind(owner.as_str())
+            .execute(&self.inner.pool)
+            .await
+            .map_err(err("leave"))?;
+        }
+        sqlx::query(&format!("DELETE FROM {t}_relays WHERE owner = ?"))
+            .bind(owner.as_str())
+            .execute(&self.inner.pool)
+            .await
+            .map_err(err("leave"))?;
+        self.inner.owners.remove(owner.as_str());
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl DeadLetters for MySqlStore {
+    async fn list_dead(&self, topic: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>> {
+        let t = self.table();
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS}, CAST(last_error AS CHAR) AS last_error, dead_at FROM {t} \
+             WHERE dead_at IS NOT NULL AND delivered_at IS NULL AND (? IS NULL OR topic = ?) \
+             ORDER BY seq LIMIT ?"
+        ))
+        .bind(topic)
+        .bind(topic)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(err("list_dead"))?;
+        rows.iter()
+            .map(|row| {
+                let (_, message) = Self::row_to_message(row)?;
+                let error: Option<String> = row.try_get("last_error").map_err(err("list_dead"))?;
+                let dead_at: NaiveDateTime = row.try_get("dead_at").map_err(err("list_dead"))?;
+                Ok(DeadLetter {
+                    message,
+                    error: error.unwrap_or_default(),
+                    dead_at: SystemTime::from(dead_at.and_utc()),
+                })
+            })
+            .collect()
+    }
+
+    async fn requeue(&self, selector: &Selector) -> Result<u64> {
+        let t = self.table();
+        let (filter, binds) = Self::selector(selector);
+        let sql = format!(
+            "UPDATE {t} SET dead_at = NULL, attempts = 0, not_before = NULL, {UNLEASE} \
+             WHERE dead_at IS NOT NULL AND delivered_at IS NULL {filter}"
+        );
+        let mut q = sqlx::query(&sql);
+        for b in &binds {
+            q = q.bind(b);
+        }
+        let n = q
+            .execute(&self.inner.pool)
+            .await
+            .map_err(err("requeue"))?
+            .rows_affected();
+        if n > 0 {
+            self.inner.wakeup.notify_one();
+        }
+        Ok(n)
+    }
+
+    async fn discard(&self, selector: &Selector) -> Result<u64> {
+        let t = self.table();
+        let (filter, binds) = Self::selector(selector);
+        let mut tx = self.inner.pool.begin().await.map_err(err("discard"))?;
+        let unblock =
+            format!(
+            "DELETE b FROM {t}_blocked b JOIN {t} m ON b.key_hash = m.key_hash AND b.seq = m.seq \
+             WHERE m.dead_at IS NOT NULL AND m.delivered_at IS NULL {}",
+            filter.replace("AND topic", "AND m.topic").replace("AND id", "AND m.id")
+        );
+        let delete =
+            format!("DELETE FROM {t} WHERE dead_at IS NOT NULL AND delivered_at IS NULL {filter}");
+        let mut n = 0;
+        for (i, sql) in [unblock, delete].iter().enumerate() {
+            let mut q = sqlx::query(sql);
+            for b in &binds {
+                q = q.bind(b);
+            }
+            let affected = q
+                .execute(&mut *tx)
+                .await
+                .map_err(err("discard"))?
+                .rows_affected();
+            if i == 1 {
+                n = affected;
+            }
+        }
+        tx.commit().await.map_err(err("discard"))?;
+        Ok(n)
+    }
+}
+
+#[async_trait]
+impl Purge for MySqlStore {
+    async fn purge_delivered(&self, older_than: Duration, limit: usize) -> Result<u64> {
+        let t = self.table();
+        let n = sqlx::query(&format!(
+            "DELETE FROM {t} WHERE delivered_at IS NOT NULL \
+               AND delivered_at <= {NOW} - INTERVAL ? MICROSECOND ORDER BY seq LIMIT ?"
+        ))
+        .bind(micros(older_than))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .execute(&self.inner.pool)
+        .await
+        .map_err(err("purge"))?
+        .rows_affected();
+        Ok(n)
+    }
+}

@@ -1,1 +1,220 @@
-//! placeholder
+//! MariaDB / MySQL: the store conformance suite, transactional enqueue, and
+//! several relays keeping order per key.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use outbox_core::testing::{store_conformance, ScriptedTransport, StoreHarness, StoreOptions};
+use outbox_core::{CancellationToken, ErrorKind, Message, MessageId, Relay, RetryPolicy};
+use outbox_sqlx::mysql::MySqlStore;
+use outbox_sqlx::{Outbox, StoreConfig};
+use sqlx::mysql::MySqlPoolOptions;
+use sqlx::MySqlPool;
+
+fn url() -> String {
+    std::env::var("OUTBOX_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
+}
+
+async fn pool(max: u32) -> Option<MySqlPool> {
+    if !outbox_core::testing::require_service("mariadb", "127.0.0.1:3306") {
+        return None;
+    }
+    Some(
+        MySqlPoolOptions::new()
+            .max_connections(max)
+            .connect(&url())
+            .await
+            .unwrap(),
+    )
+}
+
+async fn fresh(pool: &MySqlPool, config: StoreConfig) -> (MySqlStore, Outbox) {
+    let table = format!("t_{:012x}.outbox", fastrand::u64(..) & 0xffff_ffff_ffff);
+    let store = MySqlStore::with_config(pool.clone(), config.table(&table).unwrap());
+    store.migrate().await.unwrap();
+    (store, Outbox::new().table(&table).unwrap())
+}
+
+struct MySqlHarness {
+    pool: MySqlPool,
+}
+
+#[async_trait]
+impl StoreHarness for MySqlHarness {
+    type Store = MySqlStore;
+
+    async fn store(&self, options: StoreOptions) -> MySqlStore {
+        let config = StoreConfig::default()
+            .keep_delivered(options.keep_delivered)
+            .hold_dead_letters(options.hold_dead_letters);
+        fresh(&self.pool, config).await.0
+    }
+
+    async fn enqueue(&self, store: &MySqlStore, messages: Vec<Message>) -> outbox_core::Result<()> {
+        let outbox = Outbox::new().table(&store.config().table.to_string())?;
+        let mut tx = self.pool.begin().await.unwrap();
+        outbox.enqueue_batch(&mut *tx, &messages).await?;
+        tx.commit().await.unwrap();
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_passes_the_store_suite() {
+    let Some(pool) = pool(20).await else { return };
+    store_conformance(&MySqlHarness { pool }).await;
+}
+
+async fn count(pool: &MySqlPool, outbox: &Outbox) -> i64 {
+    sqlx::query_scalar(&format!("SELECT count(*) FROM {}", outbox.table_name()))
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn rollback_leaves_no_row_commit_one_and_a_batch_of_ten_thousand() {
+    let Some(pool) = pool(5).await else { return };
+    let (_store, outbox) = fresh(&pool, StoreConfig::default()).await;
+    let m = Message::json("orders.placed", &serde_json::json!({"id": 1}))
+        .build()
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    outbox.enqueue(&mut *tx, &m).await.unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(count(&pool, &outbox).await, 0);
+    let mut tx = pool.begin().await.unwrap();
+    outbox.enqueue(&mut *tx, &m).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(count(&pool, &outbox).await, 1);
+
+    let ms: Vec<Message> = (0..10_000)
+        .map(|i| {
+            Message::builder("orders.placed", "x")
+                .key(format!("k{}", i % 100))
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let mut tx = pool.begin().await.unwrap();
+    outbox.enqueue_batch(&mut *tx, &ms).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(count(&pool, &outbox).await, 10_001);
+}
+
+#[tokio::test]
+async fn bad_input_is_refused() {
+    let Some(pool) = pool(5).await else { return };
+    assert!(Outbox::new().table("x`; DROP DATABASE test; --").is_err());
+    let (_store, outbox) = fresh(&pool, StoreConfig::default()).await;
+    let mut conn = pool.acquire().await.unwrap();
+    let big = Message::builder("t", vec![0u8; 100]).build().unwrap();
+    let e = outbox
+        .clone()
+        .max_payload(10)
+        .enqueue(&mut *conn, &big)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::TooLarge);
+    let missing = Outbox::new().table("no_such_table_x").unwrap();
+    let e = missing
+        .enqueue(&mut *conn, &Message::builder("t", "x").build().unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert_eq!(count(&pool, &outbox).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_relays_keep_order_per_key() {
+    let Some(admin) = pool(4).await else { return };
+    let (store, outbox) = fresh(&admin, StoreConfig::default()).await;
+    let table = store.config().table.to_string();
+    let total = 6_000;
+    let transport = ScriptedTransport::new().fail_randomly(0.02, 7);
+    let cancel = CancellationToken::new();
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let pool = MySqlPoolOptions::new()
+            .max_connections(3)
+            .connect(&url())
+            .await
+            .unwrap();
+        let store = MySqlStore::with_config(pool, StoreConfig::default().table(&table).unwrap());
+        let relay = Relay::builder(Arc::new(store), Arc::new(transport.clone()))
+            .batch_size(200)
+            .poll_interval(Duration::from_millis(50))
+            .max_attempts(1_000)
+            .retry(RetryPolicy::exponential(
+                Duration::from_millis(10),
+                2.0,
+                Duration::from_millis(200),
+            ))
+            .build()
+            .unwrap();
+        let c = cancel.clone();
+        runs.push(tokio::spawn(async move { relay.run(c).await }));
+    }
+    let messages: Vec<Message> = (0..total)
+        .map(|i| {
+            Message::builder("orders.placed", "x")
+                .key(format!("k{}", i % 30))
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let order: HashMap<MessageId, (String, usize)> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.id, (m.key.clone().unwrap(), i)))
+        .collect();
+    for chunk in messages.chunks(200) {
+        let mut tx = admin.begin().await.unwrap();
+        outbox.enqueue_batch(&mut *tx, chunk).await.unwrap();
+        tx.commit().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while tokio::time::Instant::now() < deadline {
+        let n: HashSet<MessageId> = transport
+            .recorder()
+            .messages()
+            .iter()
+            .map(|m| m.id)
+            .collect();
+        if n.len() == total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cancel.cancel();
+    let mut shares = Vec::new();
+    let mut lost = 0;
+    for r in runs {
+        let r = r.await.unwrap();
+        shares.push(r.published);
+        lost += r.lease_lost;
+    }
+    let published = transport.recorder().messages();
+    let mut seen = HashSet::new();
+    let mut last: HashMap<String, usize> = HashMap::new();
+    let mut dups = 0;
+    for m in &published {
+        if !seen.insert(m.id) {
+            dups += 1;
+            continue;
+        }
+        let (k, pos) = &order[&m.id];
+        if let Some(prev) = last.insert(k.clone(), *pos) {
+            assert!(prev < *pos, "key {k}: #{pos} after #{prev}");
+        }
+    }
+    println!("mysql three relays: {total} messages, shares {shares:?}, duplicates {dups}, lease lost {lost}");
+    assert_eq!(seen.len(), total);
+    if lost == 0 {
+        assert_eq!(dups, 0);
+    }
+}
