@@ -517,14 +517,32 @@ impl Relay {
         let mut settlement = Settlement::default();
         let mut blocked: HashSet<String> = HashSet::new();
         let mut batch: Vec<Message> = Vec::new();
+        // Rows written by other programs may break the rules a builder
+        // enforces: dead-letter those rather than hand them to a broker.
+        let mut invalid: HashSet<usize> = HashSet::new();
+        for (i, m) in messages.iter().enumerate() {
+            if let Err(e) = m.validate(usize::MAX) {
+                let e = Error::from(e)
+                    .with_backend("relay")
+                    .with_operation("validate");
+                self.fail(m, &e, &mut settlement);
+                if let Some(k) = &m.key {
+                    blocked.insert(k.clone());
+                }
+                invalid.insert(i);
+            }
+        }
         for wave in waves(messages) {
             // The common case, one wave holding the whole claim, needs no copy.
-            let wave_messages: &[Message] = if wave.len() == messages.len() {
+            let wave_messages: &[Message] = if wave.len() == messages.len() && invalid.is_empty() {
                 messages
             } else {
                 batch.clear();
                 for &i in &wave {
                     let m = &messages[i];
+                    if invalid.contains(&i) {
+                        continue;
+                    }
                     match &m.key {
                         Some(k) if blocked.contains(k) => settlement.released.push(m.id),
                         _ => batch.push(m.clone()),

@@ -593,3 +593,46 @@ async fn hold_dead_letters_blocks_the_key_until_requeued() {
         .collect();
     assert_eq!(order, vec![poison.id, next.id]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_row_that_breaks_the_rules_is_dead_lettered_not_published() {
+    let store = Arc::new(MemoryStore::new());
+    let good = msg(Some("k"));
+    store.enqueue([good.clone()]).unwrap();
+    // A foreign producer wrote a topic no broker accepts; simulate by
+    // claiming and editing what the store hands out.
+    struct Corrupting(Arc<MemoryStore>);
+    #[async_trait]
+    impl Store for Corrupting {
+        fn name(&self) -> &str {
+            "corrupting"
+        }
+        async fn claim(
+            &self,
+            r: &outbox_core::ClaimRequest,
+        ) -> outbox_core::Result<outbox_core::Claim> {
+            let mut c = self.0.claim(r).await?;
+            for m in &mut c.messages {
+                m.topic = "bad topic\n".into();
+            }
+            Ok(c)
+        }
+        async fn settle(
+            &self,
+            l: &outbox_core::Lease,
+            s: &outbox_core::Settlement,
+        ) -> outbox_core::Result<outbox_core::SettleReport> {
+            self.0.settle(l, s).await
+        }
+    }
+    let rec = RecordingTransport::new();
+    let relay = Relay::builder(Arc::new(Corrupting(store.clone())), Arc::new(rec.clone()))
+        .build()
+        .unwrap();
+    let report = relay.relay_once().await.unwrap();
+    assert_eq!(report.dead_lettered, 1);
+    assert!(rec.is_empty());
+    let row = store.row(&good.id).unwrap();
+    assert!(row.dead);
+    assert!(row.last_error.unwrap().contains("topic"));
+}

@@ -83,7 +83,7 @@ fn sample(topic: &str, i: usize) -> Message {
         .header("x-index", i.to_string())
         .header("x-unicode", "é✓ ok")
         .header("x-spaces", "a value with spaces");
-    if i % 3 != 0 {
+    if !i.is_multiple_of(3) {
         b = b.key(format!("key-{i}"));
     }
     b.build().expect("valid sample message")
