@@ -1,4 +1,8 @@
 #![doc = include_str!("../README.md")]
+#![cfg_attr(
+    not(any(feature = "postgres", feature = "mysql", feature = "sqlite")),
+    allow(dead_code)
+)]
 
 mod error;
 mod table;
@@ -9,8 +13,6 @@ pub mod mysql;
 pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
-
-use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use outbox_core::{limits, Error, Message, MessageId, Result, Signal};
@@ -220,14 +222,16 @@ impl StoreConfig {
     }
 }
 
-/// Per-owner bookkeeping shared by the stores: the unsettled claim an owner
+/// Per-owner bookkeeping shared by the partitioned stores: the unsettled claim an owner
 /// holds, so that it is not handed later messages of the same keys before it
 /// settles (after a failed settle, its rows stay leased until they expire).
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 #[derive(Default)]
 pub(crate) struct Owners {
     inner: std::sync::Mutex<std::collections::HashMap<String, OwnerState>>,
 }
 
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 #[derive(Default, Clone, Copy)]
 pub(crate) struct OwnerState {
     /// Token and local expiry of the last claim not yet settled.
@@ -236,6 +240,7 @@ pub(crate) struct OwnerState {
     pub rebalanced: Option<tokio::time::Instant>,
 }
 
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 impl Owners {
     pub fn get(&self, owner: &str) -> OwnerState {
         self.lock().get(owner).copied().unwrap_or_default()
@@ -266,12 +271,13 @@ impl Owners {
 }
 
 /// An empty claim for an owner that may not claim now.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 pub(crate) fn empty_claim(request: &outbox_core::ClaimRequest) -> outbox_core::Claim {
     outbox_core::Claim {
         lease: outbox_core::Lease {
             owner: request.owner.clone(),
             token: outbox_core::FencingToken(0),
-            expires_at: SystemTime::now(),
+            expires_at: std::time::SystemTime::now(),
         },
         messages: Vec::new(),
     }
@@ -293,7 +299,8 @@ pub(crate) fn headers_from_json(v: serde_json::Value) -> outbox_core::Headers {
 }
 
 /// Seconds as a float for SQL intervals.
-pub(crate) fn secs(d: Duration) -> f64 {
+#[cfg(feature = "postgres")]
+pub(crate) fn secs(d: std::time::Duration) -> f64 {
     d.as_secs_f64()
 }
 
