@@ -172,3 +172,91 @@ async fn futures_join<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Ve
     .await;
     results.into_iter().map(|(_, v)| v).collect()
 }
+
+#[tokio::test]
+async fn retention_keeps_delivered_rows_then_purges_them_in_batches() {
+    let Some(pool) = pool(5).await else { return };
+    let (store, outbox) = fresh(&pool, StoreConfig::default().keep_delivered(true)).await;
+    let ms: Vec<Message> = (0..250)
+        .map(|_| Message::builder("t.x", "x").build().unwrap())
+        .collect();
+    let mut tx = pool.begin().await.unwrap();
+    outbox.enqueue_batch(&mut *tx, &ms).await.unwrap();
+    tx.commit().await.unwrap();
+    let store = Arc::new(store);
+    let relay = Relay::builder(store.clone(), Arc::new(RecordingTransport::new()))
+        .build()
+        .unwrap();
+    assert_eq!(relay.drain().await.unwrap().published, 250);
+    assert_eq!(
+        count(&pool, &outbox).await,
+        250,
+        "kept with their delivered time"
+    );
+    let kept = outbox_core::Retention::new(std::time::Duration::from_secs(3600)).batch(100);
+    assert_eq!(
+        kept.purge(store.as_ref()).await.unwrap(),
+        0,
+        "inside the window"
+    );
+    let expired = outbox_core::Retention::new(std::time::Duration::ZERO).batch(100);
+    assert_eq!(
+        expired.purge(store.as_ref()).await.unwrap(),
+        250,
+        "three batches"
+    );
+    assert_eq!(count(&pool, &outbox).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_wakes_the_relay_and_the_listener_reconnects() {
+    use std::time::Duration;
+    let Some(pool) = pool(5).await else { return };
+    let (store, outbox) = fresh(&pool, StoreConfig::default()).await;
+    let outbox = outbox.notify(true);
+    let rec = RecordingTransport::new();
+    let relay = Relay::builder(Arc::new(store), Arc::new(rec.clone()))
+        .poll_interval(Duration::from_secs(3_600))
+        .build()
+        .unwrap();
+    let cancel = outbox_core::CancellationToken::new();
+    let run = tokio::spawn({
+        let c = cancel.clone();
+        async move { relay.run(c).await }
+    });
+    // The relay claims once at start, then only NOTIFY can wake it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let send = |n: usize| {
+        let pool = pool.clone();
+        let outbox = outbox.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let m = Message::builder("t.x", "x").build().unwrap();
+            outbox.enqueue(&mut *tx, &m).await.unwrap();
+            tx.commit().await.unwrap();
+            n
+        }
+    };
+    send(1).await;
+    let started = std::time::Instant::now();
+    assert_eq!(rec.wait_for(1, Duration::from_secs(10)).await, 1);
+    println!("woken by NOTIFY after {:?}", started.elapsed());
+    // Kill the listener's connection: it reconnects by itself.
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE query ILIKE 'LISTEN%' AND datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(killed >= 1, "a listener connection existed");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    send(2).await;
+    assert_eq!(
+        rec.wait_for(2, Duration::from_secs(10)).await,
+        2,
+        "woken again after reconnecting"
+    );
+    cancel.cancel();
+    run.await.unwrap();
+}
