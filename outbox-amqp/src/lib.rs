@@ -1,3 +1,8 @@
-//! RabbitMQ transport for the outbox relay (filled by the NATS/AMQP issue):
-//! publisher confirms, persistent delivery, mandatory publishes and a bounded
-//! confirm window, on lapin.
+#![doc = include_str!("../README.md")]
+
+mod config;
+mod error;
+mod transport;
+
+pub use config::{redact_url, AmqpConfig, AmqpConfigBuilder, AmqpRoute, ExchangeType, ENV_PREFIX};
+pub use transport::{AmqpTransport, CORRELATION_ID_HEADER, TYPE_HEADER};

@@ -1,3 +1,8 @@
-//! NATS transport for the outbox relay (filled by the NATS/AMQP issue):
-//! JetStream publishing with `Nats-Msg-Id` dedup and awaited PubAcks, and
-//! core NATS publishing, both pipelined, on async-nats.
+#![doc = include_str!("../README.md")]
+
+mod config;
+mod error;
+mod transport;
+
+pub use config::{redact_url, NatsConfig, NatsConfigBuilder, NatsMode, StreamSpec, ENV_PREFIX};
+pub use transport::NatsTransport;

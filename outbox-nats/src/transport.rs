@@ -1,0 +1,512 @@
+//! [`NatsTransport`]: the [`Transport`] implementation.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::header::{HeaderMap, HeaderName, HeaderValue, NATS_MESSAGE_ID};
+use async_nats::jetstream::context::{GetStreamByNameErrorKind, PublishErrorKind};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, stream};
+use async_nats::{Client, ConnectOptions};
+use async_trait::async_trait;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use outbox_core::router::pattern_matches;
+use outbox_core::wire::{ID_HEADER, KEY_HEADER, TOPIC_HEADER};
+use outbox_core::{Error, Message, PublishResult, Transport};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::{server_addrs, validate_subject, NatsConfig, NatsMode, StreamSpec};
+use crate::error::NatsError;
+
+/// Publishes outbox messages to NATS: JetStream (each message acknowledged by
+/// its stream, deduplicated by `Nats-Msg-Id`) or core NATS (not durable).
+///
+/// One transport holds one client connection; async-nats reconnects it by
+/// itself after the server restarts, so the transport is built once and shared
+/// (`Arc`) for the life of the process. Publishes are pipelined: up to
+/// [`NatsConfig::max_in_flight`] acks are awaited at once across all calls.
+pub struct NatsTransport {
+    config: NatsConfig,
+    client: Client,
+    jetstream: Option<jetstream::Context>,
+    window: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for NatsTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsTransport")
+            .field("config", &self.config)
+            .field("state", &self.client.connection_state().to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a server check found for a subject a publish had no stream for.
+enum Missing {
+    /// The stream was (re)created: publish again.
+    Created,
+    /// The check failed or a stream exists now: retry later.
+    Transient(NatsError),
+    /// No stream captures the subject, and none is configured to.
+    Permanent(NatsError),
+}
+
+impl NatsTransport {
+    /// Connects to the server(s) of `config`.
+    ///
+    /// In JetStream mode it also checks that JetStream is available and
+    /// creates [`NatsConfig::create_stream`] if that is set and missing. Fails
+    /// with a transient [`Connection`](outbox_core::ErrorKind::Connection)
+    /// error when the server is unreachable, and with a permanent error when
+    /// the configuration, the credentials or the server's JetStream set-up is
+    /// wrong.
+    pub async fn connect(config: NatsConfig) -> Result<Self, Error> {
+        config.validate()?;
+        let addrs = server_addrs(&config.url)?;
+        let mut options = ConnectOptions::new()
+            .name(&config.client_name)
+            .connection_timeout(config.connect_timeout)
+            .request_timeout(Some(config.ack_timeout))
+            .max_reconnects(None);
+        if let Some(token) = &config.token {
+            options = options.token(token.clone());
+        }
+        if let Some(path) = &config.credentials_file {
+            options = options
+                .credentials_file(path)
+                .await
+                .map_err(|e| NatsError::Credentials(e.to_string()).during("connect"))?;
+        }
+        let client = match tokio::time::timeout(
+            config.connect_timeout.saturating_mul(2),
+            options.connect(addrs),
+        )
+        .await
+        {
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => return Err(NatsError::from_connect(&e).during("connect")),
+            Err(_) => {
+                return Err(NatsError::Connect(format!(
+                    "no connection within {:?}",
+                    config.connect_timeout
+                ))
+                .during("connect"))
+            }
+        };
+
+        let jetstream = match config.mode {
+            NatsMode::Core => None,
+            NatsMode::JetStream => {
+                let context = jetstream::ContextBuilder::new()
+                    .timeout(config.ack_timeout)
+                    .ack_timeout(config.ack_timeout)
+                    // Our own window bounds what is in flight; the client's
+                    // limit only has to stay out of its way (acks of a
+                    // cancelled call are still counted by the client).
+                    .max_ack_inflight(config.max_in_flight.saturating_mul(2))
+                    .backpressure_on_inflight(true)
+                    .build(client.clone());
+                check_jetstream(&context).await?;
+                if let Some(spec) = &config.create_stream {
+                    ensure_stream(&context, spec).await?;
+                }
+                Some(context)
+            }
+        };
+        let window = Arc::new(Semaphore::new(config.max_in_flight));
+        Ok(NatsTransport {
+            config,
+            client,
+            jetstream,
+            window,
+        })
+    }
+
+    /// The configuration this transport was built with.
+    pub fn config(&self) -> &NatsConfig {
+        &self.config
+    }
+
+    /// Whether the client is connected right now (it reconnects by itself).
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+
+    /// Subject and headers for one message.
+    fn prepare(&self, m: &Message) -> Result<(String, HeaderMap), NatsError> {
+        let subject = self.config.subject_for(&m.topic);
+        validate_subject(&subject, false)
+            .map_err(|_| NatsError::InvalidSubject(subject.clone()))?;
+        let mut headers = HeaderMap::new();
+        for (name, value) in &m.headers {
+            insert(&mut headers, name, value)?;
+        }
+        let id = m.id.to_string();
+        insert(&mut headers, ID_HEADER, &id)?;
+        if let Some(key) = &m.key {
+            insert(&mut headers, KEY_HEADER, key)?;
+        }
+        if subject != m.topic {
+            insert(&mut headers, TOPIC_HEADER, &m.topic)?;
+        }
+        if self.jetstream.is_some() {
+            let value = HeaderValue::from_str(&id)
+                .map_err(|_| NatsError::InvalidHeader(NATS_MESSAGE_ID.to_string()))?;
+            headers.insert(NATS_MESSAGE_ID, value);
+        }
+        Ok((subject, headers))
+    }
+
+    /// Waits for a window slot while collecting acks that complete meanwhile,
+    /// so that a call never waits on slots held by its own unpolled acks.
+    async fn slot<F>(
+        &self,
+        inflight: &mut FuturesUnordered<F>,
+        mut done: impl FnMut(F::Output),
+    ) -> Option<OwnedSemaphorePermit>
+    where
+        F: std::future::Future,
+    {
+        loop {
+            tokio::select! {
+                biased;
+                Some(out) = inflight.next(), if !inflight.is_empty() => done(out),
+                permit = self.window.clone().acquire_owned() => return permit.ok(),
+            }
+        }
+    }
+
+    /// Publishes `indices` of `messages` through JetStream, pipelined.
+    /// Messages whose subject had no stream are returned for a server check.
+    async fn publish_jetstream(
+        &self,
+        context: &jetstream::Context,
+        messages: &[Message],
+        indices: &[usize],
+        results: &mut [Option<PublishResult>],
+    ) -> Vec<usize> {
+        let timeout = self.config.ack_timeout;
+        let mut no_stream = Vec::new();
+        let mut inflight = FuturesUnordered::new();
+        let mut down: Option<NatsError> = None;
+        for &i in indices {
+            let Some(m) = messages.get(i) else { continue };
+            if let Some(e) = &down {
+                results[i] = Some(Err(e.clone().into()));
+                continue;
+            }
+            if self.client.connection_state() == State::Disconnected {
+                let e = NatsError::Disconnected("not connected to the server".into());
+                results[i] = Some(Err(e.clone().into()));
+                down = Some(e);
+                continue;
+            }
+            let (subject, headers) = match self.prepare(m) {
+                Ok(p) => p,
+                Err(e) => {
+                    results[i] = Some(Err(e.into()));
+                    continue;
+                }
+            };
+            let permit = self
+                .slot(&mut inflight, |out| {
+                    record_ack(out, results, &mut no_stream, timeout)
+                })
+                .await;
+            let publish = PublishMessage::build()
+                .payload(m.payload.clone())
+                .headers(headers);
+            match context.send_publish(subject, publish).await {
+                Ok(ack) => inflight.push(async move {
+                    let r = ack.await;
+                    drop(permit);
+                    (i, r)
+                }),
+                Err(e) => {
+                    drop(permit);
+                    let mapped = NatsError::from_publish(&e, timeout);
+                    if matches!(mapped, NatsError::Timeout(_)) {
+                        // The client could not even queue the publish: the
+                        // connection is down; fail the rest fast.
+                        down = Some(NatsError::Disconnected(format!(
+                            "could not send within {timeout:?}"
+                        )));
+                    }
+                    results[i] = Some(Err(mapped.into()));
+                }
+            }
+        }
+        while let Some(out) = inflight.next().await {
+            record_ack(out, results, &mut no_stream, timeout);
+        }
+        no_stream
+    }
+
+    /// Asks the server which stream captures `subject`; creates the
+    /// configured stream when none does and it would.
+    async fn check_missing(&self, context: &jetstream::Context, subject: &str) -> Missing {
+        match context.stream_by_subject(subject).await {
+            Ok(name) => Missing::Transient(NatsError::Refused(format!(
+                "stream {name:?} did not answer for subject {subject:?} (is it starting?)"
+            ))),
+            Err(e) if e.kind() == GetStreamByNameErrorKind::NotFound => {
+                match &self.config.create_stream {
+                    Some(spec) if spec.subjects.iter().any(|p| covers(p, subject)) => {
+                        match ensure_stream(context, spec).await {
+                            Ok(()) => {
+                                tracing::warn!(
+                                    stream = %spec.name,
+                                    subject,
+                                    "outbox-nats: no stream captured the subject; created the configured stream"
+                                );
+                                Missing::Created
+                            }
+                            Err(e) if e.is_transient() => {
+                                Missing::Transient(NatsError::Request(e.message().to_string()))
+                            }
+                            Err(e) => Missing::Permanent(NatsError::CreateStream {
+                                name: spec.name.clone(),
+                                reason: e.message().to_string(),
+                            }),
+                        }
+                    }
+                    _ => Missing::Permanent(NatsError::NoStream(subject.to_string())),
+                }
+            }
+            Err(e) => Missing::Transient(NatsError::Request(e.to_string())),
+        }
+    }
+
+    async fn publish_core(&self, messages: &[Message], results: &mut [Option<PublishResult>]) {
+        let timeout = self.config.ack_timeout;
+        if self.client.connection_state() == State::Disconnected {
+            let e = NatsError::Disconnected("not connected to the server".into());
+            for r in results.iter_mut() {
+                *r = Some(Err(e.clone().into()));
+            }
+            return;
+        }
+        let mut sent = vec![false; messages.len()];
+        let work = async {
+            for (i, m) in messages.iter().enumerate() {
+                let (subject, headers) = match self.prepare(m) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        results[i] = Some(Err(e.into()));
+                        continue;
+                    }
+                };
+                match self
+                    .client
+                    .publish_with_headers(subject, headers, m.payload.clone())
+                    .await
+                {
+                    Ok(()) => sent[i] = true,
+                    Err(e) => {
+                        use async_nats::client::PublishErrorKind as K;
+                        let mapped = match e.kind() {
+                            K::MaxPayloadExceeded => NatsError::TooLarge(e.to_string()),
+                            K::InvalidSubject => NatsError::InvalidSubject(m.topic.clone()),
+                            _ => NatsError::Disconnected(e.to_string()),
+                        };
+                        results[i] = Some(Err(mapped.into()));
+                    }
+                }
+            }
+            // One round trip: a request nobody answers. The server replies
+            // "no responders" only after it has read every publish before it.
+            let barrier = self.client.new_inbox();
+            let request = async_nats::client::Request::new().timeout(Some(timeout));
+            match self.client.send_request(barrier, request).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+                Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
+                    Err(NatsError::Timeout(timeout))
+                }
+                Err(e) => Err(NatsError::Disconnected(e.to_string())),
+            }
+        };
+        let outcome = match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(NatsError::Timeout(timeout)),
+        };
+        for (i, slot) in results.iter_mut().enumerate() {
+            if slot.is_some() {
+                continue;
+            }
+            *slot = Some(match &outcome {
+                Ok(()) if sent.get(i).copied().unwrap_or(false) => Ok(()),
+                Ok(()) => Err(NatsError::Timeout(timeout).into()),
+                Err(e) => Err(e.clone().into()),
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for NatsTransport {
+    fn name(&self) -> &str {
+        "nats"
+    }
+
+    async fn publish_batch(&self, messages: &[Message]) -> Vec<PublishResult> {
+        let mut results: Vec<Option<PublishResult>> = messages.iter().map(|_| None).collect();
+        match &self.jetstream {
+            None => self.publish_core(messages, &mut results).await,
+            Some(context) => {
+                let all: Vec<usize> = (0..messages.len()).collect();
+                let no_stream = self
+                    .publish_jetstream(context, messages, &all, &mut results)
+                    .await;
+                if !no_stream.is_empty() {
+                    let mut verdicts: HashMap<String, Missing> = HashMap::new();
+                    let mut again = Vec::new();
+                    for &i in &no_stream {
+                        let Some(m) = messages.get(i) else { continue };
+                        let subject = self.config.subject_for(&m.topic);
+                        if !verdicts.contains_key(&subject) {
+                            let v = self.check_missing(context, &subject).await;
+                            verdicts.insert(subject.clone(), v);
+                        }
+                        match verdicts.get(&subject) {
+                            Some(Missing::Created) => again.push(i),
+                            Some(Missing::Transient(e)) | Some(Missing::Permanent(e)) => {
+                                results[i] = Some(Err(e.clone().into()));
+                            }
+                            None => {}
+                        }
+                    }
+                    if !again.is_empty() {
+                        let still = self
+                            .publish_jetstream(context, messages, &again, &mut results)
+                            .await;
+                        for i in still {
+                            let subject = messages
+                                .get(i)
+                                .map(|m| self.config.subject_for(&m.topic))
+                                .unwrap_or_default();
+                            results[i] = Some(Err(NatsError::Refused(format!(
+                                "the stream for {subject:?} was created but did not answer yet"
+                            ))
+                            .into()));
+                        }
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(NatsError::Other("no result recorded".into()).into())))
+            .collect()
+    }
+
+    async fn flush(&self) -> Result<(), Error> {
+        match tokio::time::timeout(self.config.ack_timeout, self.client.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(NatsError::Disconnected(e.to_string()).during("flush")),
+            Err(_) => Err(NatsError::Timeout(self.config.ack_timeout).during("flush")),
+        }
+    }
+}
+
+type AckResult = Result<jetstream::publish::PublishAck, jetstream::context::PublishError>;
+
+/// Records the ack of message `i`; a "no stream" answer is set aside for a
+/// check with the server.
+fn record_ack(
+    (i, r): (usize, AckResult),
+    results: &mut [Option<PublishResult>],
+    no_stream: &mut Vec<usize>,
+    timeout: Duration,
+) {
+    let Some(slot) = results.get_mut(i) else {
+        return;
+    };
+    match r {
+        // A duplicate within the window is already stored: success too.
+        Ok(_) => *slot = Some(Ok(())),
+        Err(e) if e.kind() == PublishErrorKind::StreamNotFound => no_stream.push(i),
+        Err(e) => *slot = Some(Err(NatsError::from_publish(&e, timeout).into())),
+    }
+}
+
+fn insert(headers: &mut HeaderMap, name: &str, value: &str) -> Result<(), NatsError> {
+    let n = HeaderName::from_str(name).map_err(|_| NatsError::InvalidHeader(name.to_string()))?;
+    let v = HeaderValue::from_str(value).map_err(|_| NatsError::InvalidHeader(name.to_string()))?;
+    headers.insert(n, v);
+    Ok(())
+}
+
+/// Whether the stream subject `pattern` (NATS wildcards) captures `subject`.
+fn covers(pattern: &str, subject: &str) -> bool {
+    pattern_matches(pattern, subject)
+}
+
+/// Fails unless the server (and account) has JetStream. Reads the account
+/// info loosely, so that servers older than the client's model work too.
+async fn check_jetstream(context: &jetstream::Context) -> Result<(), Error> {
+    use async_nats::jetstream::context::RequestErrorKind as K;
+    match context
+        .request::<_, _, serde_json::Value>("INFO", &())
+        .await
+    {
+        Ok(info) => match info.get("error") {
+            Some(error) => Err(NatsError::JetStreamUnavailable(
+                error
+                    .get("description")
+                    .and_then(|d| d.as_str())
+                    .unwrap_or("the server answered with an error")
+                    .to_string(),
+            )
+            .during("connect")),
+            None => Ok(()),
+        },
+        Err(e) if e.kind() == K::NoResponders => Err(NatsError::JetStreamUnavailable(
+            "nothing answers the JetStream API (is JetStream enabled?)".into(),
+        )
+        .during("connect")),
+        Err(e) => Err(NatsError::Request(e.to_string()).during("connect")),
+    }
+}
+
+/// Creates the stream of `spec` unless a stream of that name exists.
+async fn ensure_stream(context: &jetstream::Context, spec: &StreamSpec) -> Result<(), Error> {
+    use async_nats::jetstream::context::CreateStreamErrorKind as K;
+    let config = stream::Config {
+        name: spec.name.clone(),
+        subjects: spec.subjects.clone(),
+        duplicate_window: spec.duplicate_window,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    match context.get_or_create_stream(config).await {
+        Ok(_) => Ok(()),
+        Err(e) => Err(match e.kind() {
+            K::TimedOut | K::Response | K::ResponseParse | K::JetStreamUnavailable => {
+                NatsError::Request(e.to_string())
+            }
+            _ => NatsError::CreateStream {
+                name: spec.name.clone(),
+                reason: e.to_string(),
+            },
+        }
+        .during("create stream")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_subjects_cover_with_wildcards() {
+        assert!(covers("orders.>", "orders.placed"));
+        assert!(covers("orders.*", "orders.placed"));
+        assert!(!covers("orders.*", "orders.placed.eu"));
+        assert!(covers("orders.placed", "orders.placed"));
+        assert!(!covers("orders.>", "audit.login"));
+    }
+}

@@ -1,0 +1,224 @@
+//! JetStream behaviour against the real server: dedup by `Nats-Msg-Id`,
+//! stream creation, subject mapping and error classification.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use outbox_core::{ErrorKind, Message, Transport, TransportExt};
+use outbox_nats::{NatsConfig, NatsTransport, StreamSpec};
+
+fn message(topic: &str, i: usize) -> Message {
+    Message::builder(topic, format!("payload {i}"))
+        .key(format!("k{i}"))
+        .header("x-i", i.to_string())
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_message_published_twice_is_stored_once() {
+    if !outbox_core::testing::require_service("nats", NATS_ADDR) {
+        return;
+    }
+    let u = unique();
+    let stream = format!("OUTBOX_DEDUP_{u}");
+    let js = jetstream().await;
+    create_stream(&js, &stream, &[&format!("dedup{u}.>")]).await;
+    let _cleanup = StreamCleanup(stream.clone());
+    let transport = NatsTransport::connect(NatsConfig::builder(NATS_URL).build().unwrap())
+        .await
+        .unwrap();
+
+    let topic = format!("dedup{u}.orders");
+    let m = message(&topic, 1);
+    let other = message(&topic, 2);
+    // Twice in separate calls (a re-publish after a crash) and once more in
+    // the same batch as a new message: every publish is acknowledged.
+    transport.publish(&m).await.unwrap();
+    transport.publish(&m).await.unwrap();
+    let r = transport
+        .publish_batch(&[m.clone(), other.clone(), m.clone()])
+        .await;
+    assert!(r.iter().all(Result::is_ok), "{r:?}");
+
+    let mut s = js.get_stream(&stream).await.unwrap();
+    assert_eq!(
+        s.info().await.unwrap().state.messages,
+        2,
+        "stored once each"
+    );
+    let stored = read_stream(&js, &stream, &topic).await;
+    let ids: Vec<_> = stored.iter().map(|r| r.id.unwrap()).collect();
+    assert_eq!(ids, vec![m.id, other.id]);
+    assert_eq!(
+        stored[0].headers.get("outbox-id").unwrap(),
+        &m.id.to_string()
+    );
+    assert_eq!(stored[0].key.as_deref(), Some("k1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_without_stream_is_a_permanent_unroutable_error() {
+    if !outbox_core::testing::require_service("nats", NATS_ADDR) {
+        return;
+    }
+    let transport = NatsTransport::connect(NatsConfig::builder(NATS_URL).build().unwrap())
+        .await
+        .unwrap();
+    let e = transport
+        .publish(&message(&format!("nowhere{}.x", unique()), 1))
+        .await
+        .unwrap_err();
+    assert!(!e.is_transient(), "{e}");
+    assert_eq!(e.kind(), ErrorKind::Unroutable);
+    assert!(e.to_string().starts_with("nats publish: unroutable"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_configured_stream_is_created_on_connect_and_after_deletion() {
+    if !outbox_core::testing::require_service("nats", NATS_ADDR) {
+        return;
+    }
+    let u = unique();
+    let stream = format!("OUTBOX_CREATE_{u}");
+    let _cleanup = StreamCleanup(stream.clone());
+    let config = NatsConfig::builder(NATS_URL)
+        .create_stream(
+            StreamSpec::new(&stream, [format!("create{u}.>")])
+                .duplicate_window(Duration::from_secs(30)),
+        )
+        .build()
+        .unwrap();
+    let transport = NatsTransport::connect(config).await.unwrap();
+    let js = jetstream().await;
+    let mut s = js.get_stream(&stream).await.unwrap();
+    assert_eq!(
+        s.info().await.unwrap().config.duplicate_window,
+        Duration::from_secs(30)
+    );
+
+    let topic = format!("create{u}.orders");
+    transport.publish(&message(&topic, 1)).await.unwrap();
+
+    // Someone deletes the stream: the next publish recreates it and succeeds.
+    js.delete_stream(&stream).await.unwrap();
+    let batch = [message(&topic, 2), message(&topic, 3)];
+    let r = transport.publish_batch(&batch).await;
+    assert!(r.iter().all(Result::is_ok), "{r:?}");
+    let stored = read_stream(&js, &stream, &topic).await;
+    assert_eq!(stored.len(), 2);
+
+    // A subject the configured stream does not capture is still permanent.
+    let e = transport
+        .publish(&message(&format!("other{u}.x"), 4))
+        .await
+        .unwrap_err();
+    assert!(!e.is_transient(), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subjects_follow_the_prefix_and_mapping_and_keep_the_topic() {
+    if !outbox_core::testing::require_service("nats", NATS_ADDR) {
+        return;
+    }
+    let u = unique();
+    let stream = format!("OUTBOX_MAP_{u}");
+    let js = jetstream().await;
+    create_stream(&js, &stream, &[&format!("app{u}.>")]).await;
+    let _cleanup = StreamCleanup(stream.clone());
+    let config = NatsConfig::builder(NATS_URL)
+        .subject_prefix(format!("app{u}."))
+        .subject("orders.placed", "sales.orders")
+        .build()
+        .unwrap();
+    let transport = NatsTransport::connect(config).await.unwrap();
+    let r = transport
+        .publish_batch(&[message("orders.placed", 1), message("audit.login", 2)])
+        .await;
+    assert!(r.iter().all(Result::is_ok), "{r:?}");
+
+    let mapped = read_stream(&js, &stream, &format!("app{u}.sales.orders")).await;
+    assert_eq!(mapped.len(), 1);
+    assert_eq!(
+        mapped[0].headers.get("outbox-topic").unwrap(),
+        "orders.placed"
+    );
+    let prefixed = read_stream(&js, &stream, &format!("app{u}.audit.login")).await;
+    assert_eq!(prefixed.len(), 1);
+    assert_eq!(
+        prefixed[0].headers.get("outbox-topic").unwrap(),
+        "audit.login"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_of_one_still_publishes_everything_in_order() {
+    if !outbox_core::testing::require_service("nats", NATS_ADDR) {
+        return;
+    }
+    let u = unique();
+    let stream = format!("OUTBOX_WIN_{u}");
+    let js = jetstream().await;
+    create_stream(&js, &stream, &[&format!("win{u}.>")]).await;
+    let _cleanup = StreamCleanup(stream.clone());
+    let transport = std::sync::Arc::new(
+        NatsTransport::connect(
+            NatsConfig::builder(NATS_URL)
+                .max_in_flight(1)
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap(),
+    );
+    // Two concurrent calls share the window of one: no deadlock.
+    let topic = format!("win{u}.t");
+    let a: Vec<_> = (0..50).map(|i| message(&topic, i)).collect();
+    let b: Vec<_> = (50..100).map(|i| message(&topic, i)).collect();
+    let (ra, rb) = tokio::join!(transport.publish_batch(&a), transport.publish_batch(&b));
+    assert!(ra.iter().chain(&rb).all(Result::is_ok));
+    let stored = read_stream(&js, &stream, &topic).await;
+    assert_eq!(stored.len(), 100);
+    let pos = |id| stored.iter().position(|r| r.id == Some(id)).unwrap();
+    assert!(a.windows(2).all(|w| pos(w[0].id) < pos(w[1].id)));
+}
+
+#[tokio::test]
+async fn connecting_to_nothing_is_a_transient_connection_error() {
+    let config = NatsConfig::builder("nats://user:hunter2@127.0.0.1:1")
+        .connect_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let e = NatsTransport::connect(config).await.unwrap_err();
+    assert!(e.is_transient(), "{e}");
+    assert_eq!(e.kind(), ErrorKind::Connection);
+    assert!(!format!("{e} {e:?}").contains("hunter2"), "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_output_hides_credentials() {
+    if !outbox_core::testing::require_service("nats", NATS_ADDR) {
+        return;
+    }
+    let config = NatsConfig::builder("nats://127.0.0.1:4222")
+        .core()
+        .build()
+        .unwrap();
+    let transport = NatsTransport::connect(config).await.unwrap();
+    assert!(transport.is_connected());
+    assert_eq!(transport.name(), "nats");
+    let debug = format!("{transport:?}");
+    assert!(debug.contains("NatsTransport"), "{debug}");
+    let with_token = NatsConfig::builder("nats://u:pw@h")
+        .token("s3cret")
+        .build()
+        .unwrap();
+    let debug = format!("{with_token:?}");
+    assert!(
+        !debug.contains("s3cret") && !debug.contains(":pw@"),
+        "{debug}"
+    );
+}
