@@ -6,8 +6,9 @@
 
 /// Prefix reserved for the toolkit's own headers.
 pub const RESERVED_PREFIX: &str = "outbox-";
-/// Header (or stream field) carrying the message id where the broker has no
-/// native message id (Kafka, Redis); also sent beside native ids.
+/// Header carrying the message id where the broker has no native message id
+/// (Kafka); also sent beside native ids (NATS, AMQP). Redis stream entries
+/// carry it in their `id` field.
 pub const ID_HEADER: &str = "outbox-id";
 /// Header carrying the key where the broker has no native key (NATS, AMQP).
 pub const KEY_HEADER: &str = "outbox-key";

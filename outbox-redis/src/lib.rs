@@ -1,2 +1,12 @@
-//! Redis transport for the outbox relay (filled by the Kafka/Redis issue):
-//! Redis Streams (XADD, optional dedup) and Pub/Sub publishing.
+#![doc = include_str!("../README.md")]
+
+mod config;
+pub mod envelope;
+mod error;
+mod transport;
+
+pub use config::{
+    redact_url, RedisConfig, RedisConfigBuilder, RedisMode, ENV_PREFIX, MAX_DEDUP_WINDOW,
+};
+pub use envelope::Envelope;
+pub use transport::RedisTransport;

@@ -1,0 +1,263 @@
+//! [`KafkaTransport`]: publishes outbox messages with an idempotent
+//! librdkafka producer (`enable.idempotence=true`, `acks=all`).
+
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::future::join_all;
+use outbox_core::{wire, Message, PublishResult, Transport};
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError as RdKafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::util::Timeout;
+
+use crate::config::KafkaConfig;
+use crate::error::{KafkaError, BACKEND};
+
+/// Extra time, beyond `delivery_timeout`, that the transport waits for a
+/// delivery report before it gives up on it itself. librdkafka always
+/// reports within `message.timeout.ms`; this only guards against a hang.
+const REPORT_GRACE: Duration = Duration::from_secs(5);
+
+/// How long to wait between attempts to queue a message while librdkafka's
+/// local queue is full.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(10);
+
+/// Publishes outbox messages to Kafka.
+///
+/// Each message becomes one Kafka record: key = the message key (none for a
+/// keyless message, so the partitioner spreads them), value = the payload,
+/// headers = `outbox-id` (the message id) plus the message's own headers
+/// (and `outbox-topic` with the original topic when the configuration
+/// renamed it). A batch is queued in input order without waiting, then
+/// every delivery report is awaited, so the whole batch is in flight at once.
+///
+/// `Ok(())` for a message means a delivery report with `acks=all`. The
+/// producer is idempotent: librdkafka's own retries never duplicate or
+/// reorder records within a partition. Should librdkafka raise a fatal
+/// error, the transport replaces the producer and reports the affected
+/// messages as transient failures.
+pub struct KafkaTransport {
+    config: KafkaConfig,
+    client_config: ClientConfig,
+    producer: Mutex<FutureProducer>,
+}
+
+impl std::fmt::Debug for KafkaTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaTransport")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaTransport {
+    /// Creates the producer. librdkafka connects in the background, so this
+    /// does not fail when the brokers are down; it fails (permanently, kind
+    /// [`Config`](outbox_core::ErrorKind::Config)) when the configuration or
+    /// a passed-through property is invalid.
+    pub fn new(config: KafkaConfig) -> outbox_core::Result<Self> {
+        config.validate()?;
+        let client_config = client_config(&config);
+        let producer = create_producer(&client_config)?;
+        Ok(KafkaTransport {
+            config,
+            client_config,
+            producer: Mutex::new(producer),
+        })
+    }
+
+    /// The configuration the transport runs with.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.config
+    }
+
+    fn producer(&self) -> FutureProducer {
+        self.producer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the producer after a fatal error (unless another call has
+    /// replaced it already).
+    fn replace_producer(&self, broken: &FutureProducer) {
+        let mut current = self.producer.lock().unwrap_or_else(PoisonError::into_inner);
+        if !std::ptr::eq(current.client().native_ptr(), broken.client().native_ptr()) {
+            return;
+        }
+        match create_producer(&self.client_config) {
+            Ok(fresh) => {
+                tracing::warn!(
+                    backend = BACKEND,
+                    "the producer hit a fatal error and was replaced"
+                );
+                *current = fresh;
+            }
+            Err(e) => {
+                tracing::error!(backend = BACKEND, error = %e, "could not replace the failed producer");
+            }
+        }
+    }
+
+    /// Queues one record, waiting while librdkafka's local queue is full
+    /// (at most `delivery_timeout`).
+    async fn enqueue(
+        &self,
+        producer: &FutureProducer,
+        topic: &str,
+        message: &Message,
+        rename: bool,
+    ) -> Result<DeliveryFuture, KafkaError> {
+        let auto_create = self.config.auto_create_topics;
+        let id = message.id.to_string();
+        let mut record = FutureRecord::to(topic)
+            .payload(message.payload.as_ref())
+            .headers(headers(&id, message, rename));
+        if let Some(key) = &message.key {
+            record = record.key(key.as_bytes());
+        }
+        let deadline = tokio::time::Instant::now() + self.config.delivery_timeout;
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    record = back;
+                    tokio::time::sleep(QUEUE_FULL_PAUSE).await;
+                }
+                Err((e, _)) => {
+                    let code = e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
+                    return Err(KafkaError::Enqueue { code, auto_create });
+                }
+            }
+        }
+    }
+}
+
+fn client_config(config: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", config.linger.as_millis().to_string())
+        .set(
+            "message.timeout.ms",
+            config.delivery_timeout.as_millis().to_string(),
+        )
+        .set(
+            "allow.auto.create.topics",
+            if config.auto_create_topics {
+                "true"
+            } else {
+                "false"
+            },
+        );
+    if let Some(id) = &config.client_id {
+        c.set("client.id", id);
+    }
+    for (k, v) in &config.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+fn create_producer(config: &ClientConfig) -> outbox_core::Result<FutureProducer> {
+    config
+        .create::<FutureProducer>()
+        .map_err(|e| KafkaError::Client(e).into())
+}
+
+fn headers(id: &str, message: &Message, rename: bool) -> OwnedHeaders {
+    let mut h = OwnedHeaders::new_with_capacity(message.headers.len() + 2).insert(Header {
+        key: wire::ID_HEADER,
+        value: Some(id.as_bytes()),
+    });
+    if rename {
+        h = h.insert(Header {
+            key: wire::TOPIC_HEADER,
+            value: Some(message.topic.as_bytes()),
+        });
+    }
+    for (name, value) in &message.headers {
+        h = h.insert(Header {
+            key: name,
+            value: Some(value.as_bytes()),
+        });
+    }
+    h
+}
+
+enum Pending {
+    Failed(outbox_core::Error),
+    Queued(DeliveryFuture),
+}
+
+#[async_trait]
+impl Transport for KafkaTransport {
+    fn name(&self) -> &str {
+        BACKEND
+    }
+
+    async fn publish_batch(&self, messages: &[Message]) -> Vec<PublishResult> {
+        if messages.is_empty() {
+            return Vec::new();
+        }
+        let producer = self.producer();
+        let auto_create = self.config.auto_create_topics;
+
+        // Queue everything in input order, then await all reports.
+        let mut pending = Vec::with_capacity(messages.len());
+        for message in messages {
+            let queued = match self.config.kafka_topic(&message.topic) {
+                Err(e) => Pending::Failed(e),
+                Ok(topic) => {
+                    let rename = topic != message.topic.as_str();
+                    match self.enqueue(&producer, &topic, message, rename).await {
+                        Ok(delivery) => Pending::Queued(delivery),
+                        Err(e) => Pending::Failed(e.into()),
+                    }
+                }
+            };
+            pending.push(queued);
+        }
+
+        let limit = self.config.delivery_timeout + REPORT_GRACE;
+        let reports = pending.into_iter().map(|p| async move {
+            match p {
+                Pending::Failed(e) => Err(e),
+                Pending::Queued(delivery) => match tokio::time::timeout(limit, delivery).await {
+                    Err(_) => Err(KafkaError::ReportTimeout(limit).into()),
+                    Ok(Err(_canceled)) => Err(KafkaError::Canceled.into()),
+                    Ok(Ok(Ok(_delivery))) => Ok(()),
+                    Ok(Ok(Err((e, _message)))) => {
+                        let code = e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
+                        Err(KafkaError::Delivery { code, auto_create }.into())
+                    }
+                },
+            }
+        });
+        let results: Vec<PublishResult> = join_all(reports).await;
+
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            tracing::warn!(backend = BACKEND, ?code, %reason, "fatal producer error");
+            self.replace_producer(&producer);
+        }
+        results
+    }
+
+    async fn flush(&self) -> outbox_core::Result<()> {
+        let producer = self.producer();
+        let timeout = self.config.delivery_timeout + REPORT_GRACE;
+        // Flushing blocks the calling thread while it polls: keep it off the
+        // async workers.
+        let outcome = tokio::task::spawn_blocking(move || producer.flush(Timeout::After(timeout)))
+            .await
+            .map_err(|e| KafkaError::Flush(e.to_string()))?;
+        outcome.map_err(|e| KafkaError::Flush(e.to_string()).into())
+    }
+}

@@ -1,0 +1,97 @@
+//! The (only) broker of the mock cluster goes down mid-run and comes back.
+//!
+//! "None lost" here: the mock cluster keeps its log while a broker is down,
+//! so every message must end up in the topic. The publisher behaves like a
+//! relay: messages that fail (transiently: delivery timeout while the broker
+//! is away) are published again until every one is acknowledged; a consumer
+//! then must see every message id at least once.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{message, publish_until_acknowledged, transport, unique, KafkaProbe};
+use outbox_core::{Message, Transport};
+use rdkafka::mocking::MockCluster;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_and_up_mid_run_loses_nothing() {
+    let cluster = MockCluster::new(1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let topic = unique("restart");
+    cluster.create_topic(&topic, 2, 1).unwrap();
+    let probe = KafkaProbe::start(&bootstrap, &topic, 2);
+    // A short delivery timeout so that messages fail (transiently) while the
+    // broker is down, and the relay-like retry path is exercised.
+    let kafka = Arc::new(transport(&bootstrap, |b| {
+        b.delivery_timeout(Duration::from_millis(1000))
+            .property("reconnect.backoff.ms", "50")
+            .property("reconnect.backoff.max.ms", "200")
+    }));
+
+    let total = 1200;
+    let all: Vec<Message> = (0..total).map(|i| message(&topic, i)).collect();
+    let publisher = {
+        let kafka = kafka.clone();
+        let all = all.clone();
+        tokio::spawn(async move {
+            let mut errors = Vec::new();
+            for batch in all.chunks(20) {
+                errors.extend(
+                    publish_until_acknowledged(&*kafka, batch.to_vec(), Duration::from_secs(60))
+                        .await,
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            errors
+        })
+    };
+
+    // Take the broker down once some messages went through.
+    let start = Instant::now();
+    while probe.records(1, Duration::ZERO).await.len() < 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no progress before the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster.broker_down(1).unwrap();
+    println!(
+        "broker down after {} records",
+        probe.records(0, Duration::ZERO).await.len()
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    cluster.broker_up(1).unwrap();
+    println!("broker up again");
+
+    let errors = publisher.await.unwrap();
+    println!(
+        "all {total} acknowledged after {:?}; {} transient failures retried (e.g. {:?})",
+        start.elapsed(),
+        errors.len(),
+        errors.first().map(ToString::to_string)
+    );
+    assert!(!errors.is_empty(), "the outage made some publishes fail");
+    assert!(errors.iter().all(|e| e.is_transient()));
+
+    let ids: Vec<_> = all.iter().map(|m| m.id).collect();
+    let records = probe.wait_for(&ids, Duration::from_secs(30)).await;
+    let seen: HashSet<_> = records.iter().filter_map(|r| r.received.id).collect();
+    let missing: Vec<_> = all.iter().filter(|m| !seen.contains(&m.id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} messages lost, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+    println!(
+        "{} records for {total} messages ({} duplicates from retries)",
+        records.len(),
+        records.len() - seen.len()
+    );
+    kafka.flush().await.unwrap();
+}
