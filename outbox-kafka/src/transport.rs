@@ -55,10 +55,17 @@ impl std::fmt::Debug for KafkaTransport {
 }
 
 impl KafkaTransport {
-    /// Creates the producer. librdkafka connects in the background, so this
-    /// does not fail when the brokers are down; it fails (permanently, kind
+    /// Creates the producer (named `connect` like every adapter's
+    /// constructor). librdkafka connects in the background, so this does not
+    /// fail when the brokers are down; it fails (permanently, kind
     /// [`Config`](outbox_core::ErrorKind::Config)) when the configuration or
     /// a passed-through property is invalid.
+    pub async fn connect(config: KafkaConfig) -> outbox_core::Result<Self> {
+        Self::new(config)
+    }
+
+    /// The same as [`connect`](Self::connect), for callers outside an async
+    /// context.
     pub fn new(config: KafkaConfig) -> outbox_core::Result<Self> {
         config.validate()?;
         let client_config = client_config(&config);
