@@ -199,3 +199,48 @@ pub fn redis_stream(url: &str, key: &str) -> Log {
     });
     log
 }
+
+/// Declares a durable topic exchange and a durable queue bound to it with
+/// `binding`, and returns the connection (drop it when done).
+pub async fn amqp_declare(
+    url: &str,
+    exchange: &str,
+    queue: &str,
+    binding: &str,
+) -> lapin::Connection {
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect to RabbitMQ");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.exchange_declare(
+        exchange.into(),
+        lapin::ExchangeKind::Topic,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare exchange");
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare queue");
+    ch.queue_bind(
+        queue.into(),
+        exchange.into(),
+        binding.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind");
+    conn
+}

@@ -14,6 +14,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
 pub mod consumers;
+pub mod faults;
 
 /// Where the tests expect PostgreSQL.
 pub const PG_ADDR: &str = "127.0.0.1:5432";
@@ -42,6 +43,7 @@ pub async fn pg_pool(name: &str, max: u32) -> PgPool {
 }
 
 /// A migrated outbox in a fresh schema, with a business table beside it.
+#[derive(Clone)]
 pub struct Db {
     /// An admin pool for producers and checks.
     pub pool: PgPool,
