@@ -221,12 +221,14 @@ impl Verdict {
         v
     }
 
-    /// Prints the scenario's summary line.
+    /// Prints the scenario's summary line, and appends it to the file named
+    /// by `OUTBOX_SUMMARY_FILE` (the test script prints that file at the end,
+    /// since cargo captures the output of passing tests).
     pub fn print(&self, scenario: &str, messages: usize, faults: &str) {
-        println!(
+        summary(&format!(
             "SUMMARY {scenario}: messages {messages}, {faults}, lost {}, phantoms {}, order violations {}, duplicates {}",
             self.lost, self.phantoms, self.order_violations, self.duplicates
-        );
+        ));
     }
 }
 
@@ -247,5 +249,20 @@ pub async fn wait_for_all(
             return arrived();
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Prints a summary line and appends it to `OUTBOX_SUMMARY_FILE` if set.
+pub fn summary(line: &str) {
+    println!("{line}");
+    if let Ok(path) = std::env::var("OUTBOX_SUMMARY_FILE") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{line}");
+        }
     }
 }

@@ -205,6 +205,9 @@ async fn one_relay_routes_topics_to_four_brokers() {
     cancel.cancel();
     let report = run.await.unwrap();
     let total: usize = all.iter().map(|p| p.committed.len()).sum();
-    println!("SUMMARY mixed routing: {total} committed messages to kafka, nats, redis and rabbitmq, published {}", report.published);
+    outbox_tests::summary(&format!(
+        "SUMMARY mixed routing: {total} committed messages to kafka, nats, redis and rabbitmq, published {}",
+        report.published
+    ));
     assert_eq!(report.published as usize, total);
 }

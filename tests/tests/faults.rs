@@ -588,10 +588,10 @@ async fn poison_is_dead_lettered_while_other_keys_flow_then_requeued() {
         vec![poison.id],
         "requeued after the fix, it is delivered"
     );
-    println!(
+    outbox_tests::summary(&format!(
         "SUMMARY poison: messages 206, dead-lettered 1 after {max_attempts} attempts ({}), requeued and delivered 1, lost 0, phantoms 0, order violations 0, duplicates 0",
         dead[0].error
-    );
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
