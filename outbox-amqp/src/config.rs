@@ -412,23 +412,7 @@ fn parse_bool(suffix: &str, value: &str) -> Result<bool, Error> {
 /// Replaces the password in an AMQP URL with `***`
 /// (`amqp://user:***@host:5672/%2f`).
 pub fn redact_url(url: &str) -> String {
-    let (scheme, rest) = match url.find("://") {
-        Some(i) => url.split_at(i + 3),
-        None => ("", url),
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rfind('@') {
-        Some(at) => {
-            let (userinfo, host) = authority.split_at(at);
-            let shown = match userinfo.split_once(':') {
-                Some((user, _)) => format!("{user}:***"),
-                None => userinfo.to_string(),
-            };
-            format!("{scheme}{shown}{host}{tail}")
-        }
-        None => url.to_string(),
-    }
+    outbox_core::redact::url(url)
 }
 
 /// Durations as whole milliseconds in serde.

@@ -5,6 +5,7 @@ pub mod error;
 pub mod limits;
 pub mod message;
 pub mod metrics;
+pub mod redact;
 pub mod relay;
 pub mod retention;
 pub mod retry;

@@ -803,6 +803,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "testing")]
     fn bad_config_is_refused() {
         let store: Arc<dyn Store> = Arc::new(crate::testing::MemoryStore::new());
         let t: Arc<dyn Transport> = Arc::new(crate::testing::RecordingTransport::new());

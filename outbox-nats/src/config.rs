@@ -488,29 +488,8 @@ pub(crate) fn validate_subject(subject: &str, wildcards: bool) -> Result<(), Str
 /// (`nats://user:***@host:4222`); a lone user part is taken as a token and
 /// hidden whole.
 pub fn redact_url(url: &str) -> String {
-    url.split(',').map(redact_one).collect::<Vec<_>>().join(",")
+    outbox_core::redact::url(url)
 }
-
-fn redact_one(url: &str) -> String {
-    let (scheme, rest) = match url.find("://") {
-        Some(i) => url.split_at(i + 3),
-        None => ("", url),
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rfind('@') {
-        Some(at) => {
-            let (userinfo, host) = authority.split_at(at);
-            let shown = match userinfo.split_once(':') {
-                Some((user, _)) => format!("{user}:***"),
-                None => "***".to_string(),
-            };
-            format!("{scheme}{shown}{host}{tail}")
-        }
-        None => url.to_string(),
-    }
-}
-
 /// Durations as whole milliseconds in serde.
 mod millis {
     use std::time::Duration;

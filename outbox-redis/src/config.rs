@@ -119,46 +119,7 @@ impl Default for RedisConfig {
 /// The URL with its password (and `pass` / `password` query values)
 /// replaced by `***`.
 pub fn redact_url(url: &str) -> String {
-    let (scheme, rest) = match url.split_once("://") {
-        Some((s, r)) => (Some(s), r),
-        None => (None, url),
-    };
-    let (before_query, query) = match rest.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (rest, None),
-    };
-    let authority_end = before_query.find('/').unwrap_or(before_query.len());
-    let (authority, path) = before_query.split_at(authority_end);
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{user}:***@{host}"),
-            None => format!("{userinfo}@{host}"),
-        },
-        None => authority.to_string(),
-    };
-    let mut out = String::with_capacity(url.len());
-    if let Some(s) = scheme {
-        out.push_str(s);
-        out.push_str("://");
-    }
-    out.push_str(&authority);
-    out.push_str(path);
-    if let Some(q) = query {
-        out.push('?');
-        let redacted: Vec<String> = q
-            .split('&')
-            .map(|pair| match pair.split_once('=') {
-                Some((k, _))
-                    if k.eq_ignore_ascii_case("pass") || k.eq_ignore_ascii_case("password") =>
-                {
-                    format!("{k}=***")
-                }
-                _ => pair.to_string(),
-            })
-            .collect();
-        out.push_str(&redacted.join("&"));
-    }
-    out
+    outbox_core::redact::url(url)
 }
 
 impl fmt::Debug for RedisConfig {
@@ -529,7 +490,7 @@ mod tests {
                 "redis+unix:///tmp/r.sock?db=1&pass=***",
             ),
             ("redis://host:6379", "redis://host:6379"),
-            ("redis://user@host", "redis://user@host"),
+            ("redis://user@host", "redis://***@host"),
         ] {
             assert_eq!(redact_url(url), shown);
         }
