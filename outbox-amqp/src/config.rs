@@ -182,6 +182,13 @@ impl AmqpConfig {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
 
+    /// Reads the same variables from `(name, value)` pairs instead of the
+    /// process environment (every adapter has this form).
+    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<AmqpConfig, Error> {
+        let vars: std::collections::HashMap<String, String> = vars.into_iter().collect();
+        Self::from_lookup(|name| vars.get(name).cloned())
+    }
+
     /// Like [`from_env`](Self::from_env), reading variables through `lookup`.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<AmqpConfig, Error> {
         let var = |suffix: &str| {
