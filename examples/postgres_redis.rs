@@ -1,0 +1,295 @@
+//! PostgreSQL -> Redis Streams, end to end.
+//!
+//! Creates an outbox in a fresh schema on PostgreSQL, places orders in
+//! transactions (order 2 rolls back), runs a relay that appends to a Redis
+//! stream (XADD), and a consumer (XREAD) that prints what arrived. It then
+//! drops its schema and stream and exits 0.
+//!
+//!     cargo run -p outbox-examples --features brokers --example postgres_redis
+//!
+//! Environment: `DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/test`), `REDIS_URL` (default
+//! `redis://127.0.0.1:6379`).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outbox_core::{CancellationToken, Message, MessageId, Relay, Signal};
+use outbox_redis::{Envelope, RedisConfig, RedisTransport};
+use outbox_sqlx::postgres::PgStore;
+use outbox_sqlx::{Outbox, StoreConfig};
+use redis::streams::StreamReadReply;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A message as the consumer received it.
+struct Arrived {
+    id: Option<MessageId>,
+    entry: String,
+    key: String,
+    payload: String,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("postgres_redis failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), BoxError> {
+    let db_url = env_or("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test");
+    let redis_url = env_or("REDIS_URL", "redis://127.0.0.1:6379");
+    let run_id = unique();
+    let schema = format!("example_redis_{run_id}");
+    // Stream key = this prefix + outbox topic.
+    let prefix = format!("example:{run_id}:");
+    let stream = format!("{prefix}orders.placed");
+
+    println!("outbox example: PostgreSQL -> Redis Streams");
+    let pool = pg_connect(&db_url).await?;
+    println!("   outbox table {schema}.outbox_messages");
+    println!(
+        "   Redis at {}, stream {stream}\n",
+        outbox_redis::redact_url(&redis_url)
+    );
+    let client = redis::Client::open(redis_url.as_str())?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| format!("cannot connect to Redis: {e} (start it with scripts/services.sh, or set REDIS_URL)"))?;
+
+    let outcome = demo(&pool, &schema, &client, &redis_url, &prefix, &stream).await;
+
+    // Clean up whatever happened.
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .execute(&pool)
+        .await?;
+    redis::cmd("DEL")
+        .arg(&stream)
+        .query_async::<()>(&mut conn)
+        .await?;
+    println!("   dropped schema {schema} and stream {stream}");
+    outcome
+}
+
+async fn demo(
+    pool: &PgPool,
+    schema: &str,
+    client: &redis::Client,
+    redis_url: &str,
+    prefix: &str,
+    stream: &str,
+) -> Result<(), BoxError> {
+    // The outbox tables, and a business table beside them.
+    let table = format!("{schema}.outbox_messages");
+    let store = PgStore::with_config(pool.clone(), StoreConfig::default().table(&table)?);
+    store.migrate().await?;
+    sqlx::query(&format!(
+        "CREATE TABLE {schema}.orders (id INT PRIMARY KEY, customer TEXT NOT NULL, total INT NOT NULL)"
+    ))
+    .execute(pool)
+    .await?;
+
+    // A consumer reading the stream from its start (XREAD, blocking).
+    let mut reader = client.get_multiplexed_async_connection().await?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let key = stream.to_string();
+    tokio::spawn(async move {
+        let mut last = "0-0".to_string();
+        loop {
+            let reply: redis::RedisResult<StreamReadReply> = redis::cmd("XREAD")
+                .arg("BLOCK")
+                .arg(500)
+                .arg("STREAMS")
+                .arg(&key)
+                .arg(&last)
+                .query_async(&mut reader)
+                .await;
+            let Ok(reply) = reply else { break };
+            for entry in reply.keys.into_iter().flat_map(|k| k.ids) {
+                last = entry.id.clone();
+                let fields = entry.map.iter().filter_map(|(name, value)| match value {
+                    redis::Value::BulkString(bytes) => Some((name.as_str(), bytes.as_slice())),
+                    _ => None,
+                });
+                let arrived = match Envelope::from_stream_fields(fields) {
+                    Ok(e) => Arrived {
+                        id: Some(e.id),
+                        entry: entry.id.clone(),
+                        key: e.key.unwrap_or_else(|| "-".into()),
+                        payload: String::from_utf8_lossy(&e.payload).into_owned(),
+                    },
+                    Err(e) => Arrived {
+                        id: None,
+                        entry: entry.id.clone(),
+                        key: "-".into(),
+                        payload: format!("(not an outbox entry: {e})"),
+                    },
+                };
+                if tx.send(arrived).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+
+    // The transport: XADD to prefix + topic.
+    let redis =
+        RedisTransport::connect(RedisConfig::builder(redis_url).prefix(prefix).build()?).await?;
+
+    // The relay, woken in-process when a transaction that enqueued commits.
+    let signal = Signal::new();
+    let outbox = Outbox::new().table(&table)?.signal(signal.clone());
+    let relay = Relay::builder(Arc::new(store), Arc::new(redis))
+        .signal(signal)
+        .poll_interval(Duration::from_millis(200))
+        .build()?;
+    let cancel = CancellationToken::new();
+    let running = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { relay.run(cancel).await }
+    });
+
+    println!("1. Business transactions, each writing its event in the same transaction");
+    let (committed, rolled_back) = place_orders(pool, &outbox, schema).await?;
+
+    println!("\n2. The relay appends (XADD); the consumer prints what arrived");
+    let arrived = receive(&mut rx, committed.len(), Duration::from_secs(15)).await;
+    for a in &arrived {
+        println!("   entry {:<16} key {:<11} {}", a.entry, a.key, a.payload);
+    }
+    println!("   (each entry carries the outbox id in its `id` field: deduplicate on it)");
+
+    cancel.cancel();
+    let report = running.await?;
+    let ids: Vec<MessageId> = arrived.iter().filter_map(|a| a.id).collect();
+    let phantom = ids.contains(&rolled_back);
+    println!("\n3. Summary");
+    println!(
+        "   relay published {}, consumer received {} of {} committed",
+        report.published,
+        ids.len(),
+        committed.len()
+    );
+    println!(
+        "   rolled-back order 2 published: {}",
+        if phantom { "YES (bug!)" } else { "no" }
+    );
+    if phantom || !committed.iter().all(|id| ids.contains(id)) {
+        return Err("not every committed message arrived exactly as expected".into());
+    }
+    Ok(())
+}
+
+/// Three orders, each with its `orders.placed` event in the same
+/// transaction; order 2 rolls back. Returns the committed event ids and the
+/// rolled-back one.
+async fn place_orders(
+    pool: &PgPool,
+    outbox: &Outbox,
+    schema: &str,
+) -> Result<(Vec<MessageId>, MessageId), BoxError> {
+    let mut committed = Vec::new();
+    let mut rolled_back = MessageId::new();
+    for (id, customer, total, commit) in [
+        (1, "customer-7", 120, true),
+        (2, "customer-9", 80, false),
+        (3, "customer-7", 45, true),
+    ] {
+        let mut tx = pool.begin().await?;
+        sqlx::query(&format!(
+            "INSERT INTO {schema}.orders (id, customer, total) VALUES ($1, $2, $3)"
+        ))
+        .bind(id)
+        .bind(customer)
+        .bind(total)
+        .execute(&mut *tx)
+        .await?;
+        let event = Message::json(
+            "orders.placed",
+            &serde_json::json!({"order": id, "total": total}),
+        )
+        .key(customer)
+        .build()?;
+        outbox.enqueue(&mut *tx, &event).await?;
+        if commit {
+            tx.commit().await?;
+            outbox.committed();
+            committed.push(event.id);
+            println!("   order {id} committed   -> orders.placed (key {customer})");
+        } else {
+            tx.rollback().await?;
+            rolled_back = event.id;
+            println!("   order {id} rolled back -> its event rolled back with it");
+        }
+    }
+    Ok((committed, rolled_back))
+}
+
+/// Collects arrivals until `count` came or `timeout` passed, then waits a
+/// moment more so that anything unexpected would show up too.
+async fn receive<T>(
+    rx: &mut mpsc::UnboundedReceiver<T>,
+    count: usize,
+    timeout: Duration,
+) -> Vec<T> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while got.len() < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some(a)) => got.push(a),
+            _ => break,
+        }
+    }
+    while let Ok(Some(a)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+        got.push(a);
+    }
+    got
+}
+
+/// Connects to PostgreSQL, saying where (without credentials) and what to do
+/// when it is not there.
+async fn pg_connect(url: &str) -> Result<PgPool, BoxError> {
+    let options: PgConnectOptions = url
+        .parse()
+        .map_err(|e| format!("DATABASE_URL is not a PostgreSQL URL: {e}"))?;
+    let place = format!(
+        "{}:{}/{}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("")
+    );
+    println!("   PostgreSQL at {place}");
+    let pool = PgPoolOptions::new()
+        .max_connections(5)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+        .map_err(|e| {
+            format!("cannot connect to PostgreSQL at {place}: {e} (start it with scripts/services.sh, or set DATABASE_URL)")
+        })?;
+    Ok(pool)
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_string())
+}
+
+/// Eight random hex digits, so that parallel runs never share names.
+fn unique() -> String {
+    let id = MessageId::new().to_string();
+    id[id.len() - 8..].to_string()
+}
