@@ -2,7 +2,14 @@
 
 /// Query parameters whose values are hidden (matched case-insensitively as
 /// a substring of the parameter name).
-const SECRET_PARAMS: &[&str] = &["pass", "secret", "token", "credential"];
+const SECRET_PARAMS: &[&str] = &["pass", "secret", "token", "credential", "key.pem"];
+
+/// Whether a URL query parameter (or option) named `name` holds a secret:
+/// its name contains `pass`, `secret`, `token`, `credential` or `key.pem`.
+pub fn is_secret_param(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    SECRET_PARAMS.iter().any(|s| name.contains(s))
+}
 
 /// `url` with its password, token and secret query values replaced by `***`.
 /// Several URLs separated by commas are each redacted.
@@ -17,6 +24,13 @@ pub fn url(url: &str) -> String {
     url.split(',').map(one).collect::<Vec<_>>().join(",")
 }
 
+/// Whether a user-info part without `:` is a token in URLs of this scheme
+/// (`nats://`, `tls://`, `ws://`, `wss://`, as NATS clients use them).
+pub fn bare_userinfo_is_token(scheme: &str) -> bool {
+    let scheme = scheme.trim_end_matches("://").to_ascii_lowercase();
+    matches!(scheme.as_str(), "nats" | "tls" | "ws" | "wss")
+}
+
 fn one(url: &str) -> String {
     let (scheme, rest) = match url.find("://") {
         Some(i) => url.split_at(i + 3),
@@ -25,13 +39,14 @@ fn one(url: &str) -> String {
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
     let authority = match authority.rfind('@') {
-        // A user with a password keeps the user; a bare user-info part may
-        // be a token (NATS), so it is hidden whole.
+        // A user with a password keeps the user; in a NATS URL a bare
+        // user-info part is a token, so it is hidden whole.
         Some(at) => {
             let (userinfo, host) = authority.split_at(at);
             match userinfo.split_once(':') {
                 Some((user, _)) => format!("{user}:***{host}"),
-                None => format!("***{host}"),
+                None if bare_userinfo_is_token(scheme) => format!("***{host}"),
+                None => format!("{userinfo}{host}"),
             }
         }
         None => authority.to_string(),
@@ -45,11 +60,7 @@ fn one(url: &str) -> String {
             let query: Vec<String> = query
                 .split('&')
                 .map(|pair| match pair.split_once('=') {
-                    Some((k, _))
-                        if SECRET_PARAMS
-                            .iter()
-                            .any(|s| k.to_ascii_lowercase().contains(s)) =>
-                    {
+                    Some((k, _)) if is_secret_param(k) => {
                         format!("{k}=***")
                     }
                     _ => pair.to_string(),
@@ -87,6 +98,7 @@ mod tests {
                 "redis://h/0?pass=s3&protocol=resp3#insecure",
                 "redis://h/0?pass=***&protocol=resp3#insecure",
             ),
+            ("mysql://root@h:3306/test", "mysql://root@h:3306/test"),
             ("not a url", "not a url"),
             ("", ""),
         ] {
