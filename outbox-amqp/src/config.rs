@@ -184,7 +184,9 @@ impl AmqpConfig {
 
     /// Reads the same variables from `(name, value)` pairs instead of the
     /// process environment (every adapter has this form).
-    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<AmqpConfig, Error> {
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<AmqpConfig, Error> {
         let vars: std::collections::HashMap<String, String> = vars.into_iter().collect();
         Self::from_lookup(|name| vars.get(name).cloned())
     }

@@ -226,7 +226,9 @@ impl NatsConfig {
 
     /// Reads the same variables from `(name, value)` pairs instead of the
     /// process environment (every adapter has this form).
-    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<NatsConfig, Error> {
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<NatsConfig, Error> {
         let vars: std::collections::HashMap<String, String> = vars.into_iter().collect();
         Self::from_lookup(|name| vars.get(name).cloned())
     }
