@@ -41,11 +41,12 @@ use rdkafka::message::Headers as _;
 use rdkafka::mocking::MockCluster;
 use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
 use redis::streams::StreamReadReply;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use tokio::sync::mpsc::{self, UnboundedSender};
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+mod common;
+
+use common::{env_or, pg_connect, unique, BoxError};
 
 /// The events the program enqueues, per business transaction.
 const ORDER_1: &[(&str, &str)] = &[
@@ -610,41 +611,4 @@ async fn amqp_consumer(
         }
     });
     Ok(())
-}
-
-/// Connects to PostgreSQL, saying where (without credentials) and what to do
-/// when it is not there.
-async fn pg_connect(url: &str) -> Result<PgPool, BoxError> {
-    let options: PgConnectOptions = url
-        .parse()
-        .map_err(|e| format!("DATABASE_URL is not a PostgreSQL URL: {e}"))?;
-    let place = format!(
-        "{}:{}/{}",
-        options.get_host(),
-        options.get_port(),
-        options.get_database().unwrap_or("")
-    );
-    println!("   PostgreSQL at {place}");
-    let pool = PgPoolOptions::new()
-        .max_connections(5)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_with(options)
-        .await
-        .map_err(|e| {
-            format!("cannot connect to PostgreSQL at {place}: {e} (start it with scripts/services.sh, or set DATABASE_URL)")
-        })?;
-    Ok(pool)
-}
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name)
-        .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| default.to_string())
-}
-
-/// Eight random hex digits, so that parallel runs never share names.
-fn unique() -> String {
-    let id = MessageId::new().to_string();
-    id[id.len() - 8..].to_string()
 }
