@@ -430,6 +430,23 @@ impl Relay {
         }
     }
 
+    /// Runs the relay on a tokio task until [`RunningRelay::stop`] (or the
+    /// returned handle's token) stops it.
+    ///
+    /// ```no_run
+    /// # async fn f(relay: outbox_core::Relay) {
+    /// let running = relay.spawn();
+    /// // ... the application runs ...
+    /// let report = running.stop().await; // graceful: nothing stays leased
+    /// # }
+    /// ```
+    pub fn spawn(self) -> RunningRelay {
+        let cancel = CancellationToken::new();
+        let token = cancel.clone();
+        let task = tokio::spawn(async move { self.run(token).await });
+        RunningRelay { cancel, task }
+    }
+
     /// Claims one batch, publishes it and settles it; returns what happened
     /// (an empty report when there was nothing to claim). Useful in tests and
     /// in programs that drive the relay themselves.
@@ -749,6 +766,27 @@ impl Relay {
             released: r.released,
             lease_lost: lost,
         }
+    }
+}
+
+/// A relay running on a tokio task, from [`Relay::spawn`].
+#[derive(Debug)]
+pub struct RunningRelay {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<RelayReport>,
+}
+
+impl RunningRelay {
+    /// The token that stops the relay (to wire into a shutdown handler).
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Stops the relay gracefully and returns what it did. A relay task that
+    /// panicked reports nothing (an empty report).
+    pub async fn stop(self) -> RelayReport {
+        self.cancel.cancel();
+        self.task.await.unwrap_or_default()
     }
 }
 

@@ -176,11 +176,7 @@ async fn terminated_connections_are_transient_and_the_relay_recovers() {
     outbox.enqueue_batch(&mut *tx, &messages).await.unwrap();
     tx.commit().await.unwrap();
 
-    let cancel = CancellationToken::new();
-    let run = tokio::spawn({
-        let c = cancel.clone();
-        async move { relay.run(c).await }
-    });
+    let running = relay.spawn();
     let mut killed = 0;
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_millis(450)).await;
@@ -191,8 +187,7 @@ async fn terminated_connections_are_transient_and_the_relay_recovers() {
         .recorder()
         .wait_for(1_000, Duration::from_secs(60))
         .await;
-    cancel.cancel();
-    let report = run.await.unwrap();
+    let report = running.stop().await;
     let distinct: HashSet<MessageId> = transport
         .recorder()
         .messages()

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outbox_core::testing::require_service;
-use outbox_core::{CancellationToken, Relay, Router, Transport};
+use outbox_core::{Relay, Router, Transport};
 use outbox_tests::{consumers, produce, unique, wait_for_all, Db, Verdict, PG_ADDR};
 
 const PRODUCERS: usize = 8;
@@ -29,15 +29,10 @@ async fn scenario(
         .poll_interval(Duration::from_millis(100))
         .build()
         .unwrap();
-    let cancel = CancellationToken::new();
-    let run = tokio::spawn({
-        let c = cancel.clone();
-        async move { relay.run(c).await }
-    });
+    let running = relay.spawn();
     let produced = produce(&db, topic, PRODUCERS, TRANSACTIONS, KEYS, ROLLBACK, 11).await;
     let got = wait_for_all(&produced, Duration::from_secs(60), arrived).await;
-    cancel.cancel();
-    let report = run.await.unwrap();
+    let report = running.stop().await;
     let v = Verdict::check(&produced, &got);
     v.print(
         &format!("e2e {name}"),
@@ -180,11 +175,7 @@ async fn one_relay_routes_topics_to_four_brokers() {
         .poll_interval(Duration::from_millis(100))
         .build()
         .unwrap();
-    let cancel = CancellationToken::new();
-    let run = tokio::spawn({
-        let c = cancel.clone();
-        async move { relay.run(c).await }
-    });
+    let running = relay.spawn();
     let topics = [
         orders.clone(),
         format!("notifications.{u}"),
@@ -202,8 +193,7 @@ async fn one_relay_routes_topics_to_four_brokers() {
         let v = Verdict::check(produced, &got);
         assert_eq!(v, Verdict::default(), "{v:?}");
     }
-    cancel.cancel();
-    let report = run.await.unwrap();
+    let report = running.stop().await;
     let total: usize = all.iter().map(|p| p.committed.len()).sum();
     outbox_tests::summary(&format!(
         "SUMMARY mixed routing: {total} committed messages to kafka, nats, redis and rabbitmq, published {}",

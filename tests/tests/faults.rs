@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use outbox_core::testing::require_service;
 use outbox_core::{
-    CancellationToken, DeadLetters, ErrorKind, Message, MessageId, Relay, RetryPolicy, Selector,
-    Transport,
+    DeadLetters, ErrorKind, Message, MessageId, Relay, RetryPolicy, Selector, Transport,
 };
 use outbox_sqlx::postgres::PgStore;
 use outbox_sqlx::{Outbox, StoreConfig};
@@ -38,15 +37,12 @@ async fn redis_transport() -> Arc<dyn Transport> {
     Arc::new(outbox_redis::RedisTransport::connect(config).await.unwrap())
 }
 
-/// Runs an in-process relay over `db` until the returned token is cancelled.
+/// Runs an in-process relay over `db` until the returned handle stops it.
 async fn relay_in_process(
     db: &Db,
     name: &str,
     transport: Arc<dyn Transport>,
-) -> (
-    CancellationToken,
-    tokio::task::JoinHandle<outbox_core::RelayReport>,
-) {
+) -> outbox_core::RunningRelay {
     let relay = Relay::builder(Arc::new(db.store(name).await), transport)
         .poll_interval(Duration::from_millis(50))
         .lease(Duration::from_secs(5))
@@ -63,12 +59,7 @@ async fn relay_in_process(
         .max_attempts(1_000)
         .build()
         .unwrap();
-    let cancel = CancellationToken::new();
-    let run = tokio::spawn({
-        let c = cancel.clone();
-        async move { relay.run(c).await }
-    });
-    (cancel, run)
+    relay.spawn()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -194,7 +185,7 @@ async fn outage<F, R>(
     R: std::future::Future<Output = Vec<MessageId>>,
 {
     let total = size("OUTAGE_MESSAGES", 4_000);
-    let (cancel, run) = relay_in_process(db, &format!("outage-{name}"), transport).await;
+    let running = relay_in_process(db, &format!("outage-{name}"), transport).await;
     let producer = {
         let db = db.clone();
         let topic = topic.to_string();
@@ -222,8 +213,7 @@ async fn outage<F, R>(
     while db.backlog().await > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    cancel.cancel();
-    let report = run.await.unwrap();
+    let report = running.stop().await;
     let got = read.await;
     let v = Verdict::check(&produced, &got);
     v.print(
@@ -380,7 +370,7 @@ async fn database_connections_terminated_then_postgres_restarted() {
     let topic = format!("faults.{}.db", unique());
     let log = consumers::redis_stream(REDIS, &topic);
     let name = format!("faults-db-{}", unique());
-    let (cancel, run) = relay_in_process(&db, &name, redis_transport().await).await;
+    let running = relay_in_process(&db, &name, redis_transport().await).await;
 
     // Phase 1: the relay's connections are terminated again and again.
     let first = {
@@ -437,8 +427,7 @@ async fn database_connections_terminated_then_postgres_restarted() {
     }
     produced.committed.extend(second.committed);
     let got = wait_for_all(&produced, Duration::from_secs(120), || log.ids()).await;
-    cancel.cancel();
-    let report = run.await.unwrap();
+    let report = running.stop().await;
     let v = Verdict::check(&produced, &got);
     v.print(
         "database faults",
@@ -461,13 +450,12 @@ async fn rollbacks_under_load() {
     let db = Db::fresh().await;
     let topic = format!("faults.{}.rollbacks", unique());
     let log = consumers::redis_stream(REDIS, &topic);
-    let (cancel, run) = relay_in_process(&db, "rollbacks", redis_transport().await).await;
+    let running = relay_in_process(&db, "rollbacks", redis_transport().await).await;
     let producers = size("PRODUCERS", 16);
     let tx = size("PRODUCER_TRANSACTIONS", 250);
     let produced = produce(&db, &topic, producers, tx, 64, 0.4, 21).await;
     let got = wait_for_all(&produced, Duration::from_secs(120), || log.ids()).await;
-    cancel.cancel();
-    run.await.unwrap();
+    running.stop().await;
     let v = Verdict::check(&produced, &got);
     v.print(
         "rollbacks under load",
@@ -539,11 +527,7 @@ async fn poison_is_dead_lettered_while_other_keys_flow_then_requeued() {
     let mut tx = db.pool.begin().await.unwrap();
     db.outbox.enqueue_batch(&mut *tx, &all).await.unwrap();
     tx.commit().await.unwrap();
-    let cancel = CancellationToken::new();
-    let run = tokio::spawn({
-        let c = cancel.clone();
-        async move { relay.run(c).await }
-    });
+    let running = relay.spawn();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let dead = loop {
         let dead = store.list_dead(None, 10).await.unwrap();
@@ -581,8 +565,7 @@ async fn poison_is_dead_lettered_while_other_keys_flow_then_requeued() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         later = amqp_drain(AMQP, &queue).await;
     }
-    cancel.cancel();
-    run.await.unwrap();
+    running.stop().await;
     assert_eq!(
         later,
         vec![poison.id],
@@ -698,14 +681,13 @@ async fn bad_input_is_a_typed_error_and_loses_nothing() {
 
     // Nothing enqueued before was lost.
     let log = consumers::redis_stream(REDIS, &topic);
-    let (cancel, run) = relay_in_process(&db, "bad-input", redis_transport().await).await;
+    let running = relay_in_process(&db, "bad-input", redis_transport().await).await;
     let produced = outbox_tests::Produced {
         committed: good.iter().map(|m| (m.id, String::new())).collect(),
         rolled_back: Default::default(),
     };
     let got = wait_for_all(&produced, Duration::from_secs(30), || log.ids()).await;
-    cancel.cancel();
-    run.await.unwrap();
+    running.stop().await;
     let v = Verdict::check(&produced, &got);
     v.print("bad input", 10, &format!("refused inputs {refused}"));
     assert_eq!(v, Verdict::default());
