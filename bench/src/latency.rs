@@ -1,0 +1,253 @@
+//! Phase 4: commit-to-publish latency at steady offered loads, with NOTIFY
+//! wakeups and with polling only, measured at a core NATS subscriber.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use outbox_core::{CancellationToken, Message, MessageId, Relay};
+use outbox_sqlx::postgres::PgStore;
+use outbox_sqlx::{Outbox, StoreConfig};
+
+use crate::recorder::{percentile, Series};
+use crate::sys::{self, round, CpuUse};
+use crate::{BoxResult, Ctx};
+
+/// Concurrent producers (open loop: each on its own schedule).
+pub const PRODUCERS: usize = 16;
+/// Messages committed in the first second are not counted.
+const WARM_UP: Duration = Duration::from_secs(1);
+/// Poll interval of the polling-only relay.
+pub const POLL: Duration = Duration::from_millis(100);
+/// Poll interval of the NOTIFY relay (a fallback only).
+const LONG_POLL: Duration = Duration::from_secs(10);
+
+/// One latency run.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct LatencyRun {
+    /// `notify` or `polling`.
+    pub mode: String,
+    /// The relay's poll interval (ms).
+    pub poll_interval_ms: u64,
+    /// Offered business transactions per second.
+    pub offered_per_s: u32,
+    /// Committed per second (below offered when the database cannot keep up).
+    pub achieved_per_s: f64,
+    /// Messages measured (after the warm-up).
+    pub measured: usize,
+    /// Committed messages that never arrived within the wait.
+    pub missing: usize,
+    /// From just before COMMIT to arrival at the consumer (ms).
+    pub p50_ms: f64,
+    /// 90th percentile (ms).
+    pub p90_ms: f64,
+    /// 99th percentile (ms).
+    pub p99_ms: f64,
+    /// Largest (ms).
+    pub max_ms: f64,
+    /// How late producers ran behind their schedule, 99th percentile (ms).
+    pub schedule_lag_p99_ms: f64,
+    /// The relay's own `outbox_commit_to_publish_seconds` (from the
+    /// message's creation, before INSERT, to the broker's acknowledgement).
+    pub relay_commit_to_publish: Series,
+    /// Publishes the relay saw fail (retried later with backoff).
+    pub relay_failed: u64,
+    /// Store calls the relay saw fail.
+    pub relay_store_errors: u64,
+    /// Where CPU went.
+    pub cpu: CpuUse,
+}
+
+struct Produced {
+    id: MessageId,
+    before_commit: Instant,
+    lag: Duration,
+}
+
+/// One run at `load` tx/s, `notify` or polling.
+pub async fn run(ctx: &Ctx, notify: bool, load: u32) -> BoxResult<LatencyRun> {
+    let mode = if notify { "notify" } else { "polling" };
+    let table = ctx.db.outbox(&format!("lat_{mode}_{load}")).await?;
+    let result = measure(ctx, notify, load, &table).await;
+    ctx.db.drop(&table.schema).await;
+    result.map(|mut r| {
+        r.mode = mode.to_string();
+        r
+    })
+}
+
+async fn measure(
+    ctx: &Ctx,
+    notify: bool,
+    load: u32,
+    table: &crate::db::Table,
+) -> BoxResult<LatencyRun> {
+    let nats = ctx.brokers.nats_client().ok_or("NATS is not available")?;
+    let topic = format!("benchlat.{}.events{load}", ctx.brokers.u);
+    let mut sub = nats.subscribe(topic.clone()).await?;
+    nats.flush().await?;
+
+    // The consumer: arrival time of every id.
+    let arrived: Arc<Mutex<HashMap<MessageId, Instant>>> = Arc::default();
+    let stop = CancellationToken::new();
+    let consumer = tokio::spawn({
+        let arrived = arrived.clone();
+        let stop = stop.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    m = sub.next() => {
+                        let Some(m) = m else { break };
+                        let now = Instant::now();
+                        let id = m.headers.as_ref()
+                            .and_then(|h| h.get(outbox_core::wire::ID_HEADER))
+                            .and_then(|v| v.as_str().parse::<MessageId>().ok());
+                        if let Some(id) = id {
+                            arrived.lock().unwrap_or_else(|p| p.into_inner()).insert(id, now);
+                        }
+                    }
+                }
+            }
+        }
+    });
+
+    // The relay: another process as far as the producers are concerned (no
+    // in-process signal), woken by NOTIFY or by its poll interval.
+    let relay_pool = ctx.db.pool("outbox-bench-lat-relay", 4).await?;
+    let store = PgStore::with_config(
+        relay_pool.clone(),
+        StoreConfig::default().table(&table.name)?.listen(notify),
+    );
+    let poll = if notify { LONG_POLL } else { POLL };
+    let relay = Relay::builder(Arc::new(store), ctx.brokers.core_nats().await?)
+        .batch_size(ctx.opts.batch)
+        .poll_interval(poll)
+        .build()?;
+    let cancel = CancellationToken::new();
+    let relay_task = tokio::spawn({
+        let c = cancel.clone();
+        async move { relay.run(c).await }
+    });
+    // Let the LISTEN connection come up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Producers: open loop, PRODUCERS tasks each on a fixed schedule.
+    let pool = ctx
+        .db
+        .pool("outbox-bench-lat-producer", PRODUCERS as u32)
+        .await?;
+    let outbox = Outbox::new().table(&table.name)?.notify(notify);
+    let period = Duration::from_secs_f64(PRODUCERS as f64 / f64::from(load));
+    ctx.rec.reset();
+    let c0 = sys::sample();
+    let start = Instant::now() + Duration::from_millis(50);
+    let until = start + ctx.opts.latency_time;
+    let mut tasks = Vec::new();
+    for p in 0..PRODUCERS {
+        let pool = pool.clone();
+        let outbox = outbox.clone();
+        let topic = topic.clone();
+        let payload = ctx.payload.clone();
+        let schema = table.schema.clone();
+        let offset = period.mul_f64(p as f64 / PRODUCERS as f64);
+        tasks.push(tokio::spawn(async move {
+            let mut conn = pool.acquire().await?;
+            let insert = format!("INSERT INTO {schema}.orders (customer, total) VALUES ($1, $2)");
+            let mut out = Vec::new();
+            for k in 0u32.. {
+                let at = start + offset + period * k;
+                if at >= until {
+                    break;
+                }
+                tokio::time::sleep_until(at.into()).await;
+                let lag = at.elapsed();
+                let m = Message::builder(topic.as_str(), payload.clone())
+                    .key(format!("customer-{p}-{}", k % 64))
+                    .build()?;
+                let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+                sqlx::query(&insert)
+                    .bind(format!("customer-{p}"))
+                    .bind(i32::try_from(k % 1000).unwrap_or(0))
+                    .execute(&mut *tx)
+                    .await?;
+                outbox.enqueue(&mut *tx, &m).await?;
+                let before_commit = Instant::now();
+                tx.commit().await?;
+                out.push(Produced {
+                    id: m.id,
+                    before_commit,
+                    lag,
+                });
+            }
+            Ok::<_, crate::BoxError>(out)
+        }));
+    }
+    let mut produced = Vec::new();
+    let mut errors = Vec::new();
+    for t in tasks {
+        match t.await {
+            Ok(Ok(v)) => produced.extend(v),
+            Ok(Err(e)) => errors.push(e.to_string()),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    // Wait for the stragglers.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = arrived.lock().unwrap_or_else(|p| p.into_inner()).len();
+        if got >= produced.len() || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cpu = CpuUse::between(&c0, &sys::sample());
+    let relay_c2p = Series::of(&ctx.rec.samples(outbox_core::metrics::COMMIT_TO_PUBLISH));
+    let relay_profile = ctx.rec.profile();
+    cancel.cancel();
+    let _ = relay_task.await;
+    stop.cancel();
+    let _ = consumer.await;
+    pool.close().await;
+    relay_pool.close().await;
+    if !errors.is_empty() {
+        return Err(format!("producers failed: {}", errors.join("; ")).into());
+    }
+
+    let arrived = arrived.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let warm = start + WARM_UP;
+    let mut lat = Vec::new();
+    let mut missing = 0;
+    let mut lags = Vec::new();
+    for p in &produced {
+        if p.before_commit < warm {
+            continue;
+        }
+        lags.push(p.lag.as_secs_f64() * 1e3);
+        match arrived.get(&p.id) {
+            Some(t) => lat.push(t.saturating_duration_since(p.before_commit).as_secs_f64() * 1e3),
+            None => missing += 1,
+        }
+    }
+    lat.sort_by(f64::total_cmp);
+    lags.sort_by(f64::total_cmp);
+    Ok(LatencyRun {
+        mode: String::new(),
+        poll_interval_ms: u64::try_from(poll.as_millis()).unwrap_or(u64::MAX),
+        offered_per_s: load,
+        achieved_per_s: round(produced.len() as f64 / elapsed, 0),
+        measured: lat.len(),
+        missing,
+        p50_ms: round(percentile(&lat, 0.50), 2),
+        p90_ms: round(percentile(&lat, 0.90), 2),
+        p99_ms: round(percentile(&lat, 0.99), 2),
+        max_ms: round(lat.last().copied().unwrap_or(0.0), 2),
+        schedule_lag_p99_ms: round(percentile(&lags, 0.99), 2),
+        relay_commit_to_publish: relay_c2p,
+        relay_failed: relay_profile.failed,
+        relay_store_errors: relay_profile.store_errors,
+        cpu,
+    })
+}
