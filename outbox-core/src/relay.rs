@@ -340,6 +340,9 @@ impl Relay {
         let mut state = State::Idle;
         let mut store_failures = 0u32;
         let mut last_stats: Option<Instant> = None;
+        // When the soonest retry this relay scheduled falls due: an idle
+        // relay wakes then rather than at its next poll.
+        let mut next_retry: Option<Instant> = None;
         let store_label = self.store.name().to_string();
         loop {
             let from = state.name();
@@ -349,13 +352,21 @@ impl Relay {
                         last_stats = Some(Instant::now());
                         self.record_stats(&store_label).await;
                     }
-                    tokio::select! {
+                    let mut wait = self.config.poll_interval;
+                    if let Some(due) = next_retry {
+                        wait = wait.min(due.saturating_duration_since(Instant::now()));
+                    }
+                    let state = tokio::select! {
                         biased;
                         _ = cancel.cancelled() => State::Stopping,
                         _ = self.store.notified() => State::Claiming,
                         _ = self.signal.notified() => State::Claiming,
-                        _ = tokio::time::sleep(self.config.poll_interval) => State::Claiming,
+                        _ = tokio::time::sleep(wait) => State::Claiming,
+                    };
+                    if next_retry.is_some_and(|due| due <= Instant::now()) {
+                        next_retry = None;
                     }
+                    state
                 }
                 State::Claiming if cancel.is_cancelled() => State::Stopping,
                 State::Claiming => match self.claim().await {
@@ -389,6 +400,11 @@ impl Relay {
                 } => match self.settle(&lease, &settlement, &cancel).await {
                     Ok(report) => {
                         total.add(&report);
+                        if let Some(delay) = settlement.retries.iter().map(|r| r.delay).min() {
+                            // A little after the store's time, so the row is due.
+                            let due = Instant::now() + delay + Duration::from_millis(5);
+                            next_retry = Some(next_retry.map_or(due, |t| t.min(due)));
+                        }
                         if cancel.is_cancelled() {
                             State::Stopping
                         } else if full {

@@ -636,3 +636,31 @@ async fn a_row_that_breaks_the_rules_is_dead_lettered_not_published() {
     assert!(row.dead);
     assert!(row.last_error.unwrap().contains("topic"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_relay_wakes_for_the_retry_it_scheduled() {
+    let store = Arc::new(MemoryStore::new());
+    let id = store.enqueue([msg(Some("k"))]).unwrap()[0];
+    let transport = ScriptedTransport::new().fail_transient(1);
+    let relay = Relay::builder(store.clone(), Arc::new(transport.clone()))
+        .poll_interval(Duration::from_secs(3_600))
+        .retry(no_jitter(200, 200))
+        .build()
+        .unwrap();
+    let running = relay.spawn();
+    let start = Instant::now();
+    assert_eq!(
+        transport
+            .recorder()
+            .wait_for(1, Duration::from_secs(7_200))
+            .await,
+        1
+    );
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "woke for the retry after {took:?}, not the hour-long poll"
+    );
+    assert_eq!(transport.attempts(&id), 2);
+    running.stop().await;
+}

@@ -42,7 +42,7 @@ const ENFORCED: &[(&str, &[&str])] = &[
 /// | --- | --- | --- | --- |
 /// | `brokers` | `OUTBOX_KAFKA_BROKERS` | `localhost:9092` | `bootstrap.servers`, comma-separated `host:port` |
 /// | `client_id` | `OUTBOX_KAFKA_CLIENT_ID` | none (librdkafka's) | `client.id` |
-/// | `linger` | `OUTBOX_KAFKA_LINGER_MS` | 5 ms | `linger.ms`: how long the producer gathers a batch |
+/// | `linger` | `OUTBOX_KAFKA_LINGER_MS` | 1 ms | `linger.ms`: how long the producer gathers a batch (the relay hands over whole batches already; the benchmark measured 54k msg/s at 5 ms, 68k at 0) |
 /// | `delivery_timeout` | `OUTBOX_KAFKA_DELIVERY_TIMEOUT_MS` | 30 s | `message.timeout.ms`: a message not acknowledged by then fails (transient) |
 /// | `prefix` | `OUTBOX_KAFKA_PREFIX` | empty | prepended to the outbox topic to name the Kafka topic |
 /// | `topic_map` | `OUTBOX_KAFKA_TOPIC_MAP` | empty | `outbox.topic=kafka-topic,...`: exact renames, before `prefix` |
@@ -83,7 +83,7 @@ impl Default for KafkaConfig {
         KafkaConfig {
             brokers: "localhost:9092".to_string(),
             client_id: None,
-            linger: Duration::from_millis(5),
+            linger: Duration::from_millis(1),
             delivery_timeout: Duration::from_secs(30),
             prefix: String::new(),
             topic_map: BTreeMap::new(),
@@ -356,7 +356,7 @@ impl KafkaConfigBuilder {
         self
     }
 
-    /// Sets `linger.ms` (default 5 ms).
+    /// Sets `linger.ms` (default 1 ms).
     pub fn linger(mut self, linger: Duration) -> Self {
         self.config.linger = linger;
         self

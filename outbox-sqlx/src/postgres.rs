@@ -132,6 +132,36 @@ impl sealed::Sealed for PgConnection {}
 impl Enqueue for PgConnection {
     async fn insert(&mut self, outbox: &Outbox, messages: &[Message]) -> Result<()> {
         let t = outbox.table_name().qualified("");
+        if let [m] = messages {
+            // One message (the common business transaction): a plain VALUES
+            // insert is cheaper than unnesting arrays.
+            let blocks = m.key.is_some() && m.not_before.is_some();
+            let insert = format!(
+                "INSERT INTO {t} (id, topic, msg_key, payload, headers, created_at, not_before) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            );
+            let sql = if blocks {
+                format!(
+                    "WITH ins AS ({insert} RETURNING msg_key, seq) \
+                     INSERT INTO {t}_blocked (msg_key, seq) SELECT msg_key, seq FROM ins \
+                     ON CONFLICT DO NOTHING"
+                )
+            } else {
+                insert
+            };
+            sqlx::query(&sql)
+                .bind(m.id.as_uuid())
+                .bind(m.topic.as_str())
+                .bind(m.key.as_deref())
+                .bind(m.payload.as_ref())
+                .bind(Json(&m.headers))
+                .bind(DateTime::<Utc>::from(m.created_at))
+                .bind(m.not_before.map(DateTime::<Utc>::from))
+                .execute(&mut *self)
+                .await
+                .map_err(err("enqueue"))?;
+            return send_notify(self, outbox).await;
+        }
         let n = messages.len();
         let mut ids = Vec::with_capacity(n);
         let mut topics = Vec::with_capacity(n);
@@ -177,15 +207,21 @@ impl Enqueue for PgConnection {
             .execute(&mut *self)
             .await
             .map_err(err("enqueue"))?;
-        if outbox.notify {
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(outbox.table_name().channel())
-                .execute(&mut *self)
-                .await
-                .map_err(err("enqueue"))?;
-        }
-        Ok(())
+        send_notify(self, outbox).await
     }
+}
+
+/// The enqueue side's NOTIFY, when switched on.
+async fn send_notify(conn: &mut PgConnection, outbox: &Outbox) -> Result<()> {
+    if outbox.notify {
+        let channel = outbox.table_name().channel();
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(&channel)
+            .execute(&mut *conn)
+            .await
+            .map_err(err("enqueue"))?;
+    }
+    Ok(())
 }
 
 /// The relay-side store on PostgreSQL. Cheap to clone; clones share the

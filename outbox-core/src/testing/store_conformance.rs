@@ -83,6 +83,7 @@ pub async fn store_conformance<H: StoreHarness>(harness: &H) {
     case!(round_trips_every_field);
     case!(lease_expiry_and_fencing);
     case!(not_before_is_honoured);
+    case!(a_delayed_message_holds_back_its_key);
     case!(retry_counts_an_attempt_and_waits);
     case!(release_keeps_attempts);
     case!(dead_letters_list_requeue_discard);
@@ -209,6 +210,30 @@ async fn not_before_is_honoured<H: StoreHarness>(h: &H) {
     sleep(SHORT + Duration::from_millis(300)).await;
     let (_, ids) = claim_ids(&s, "a", 10).await;
     assert_eq!(ids, vec![later.id], "it is handed out once due");
+}
+
+async fn a_delayed_message_holds_back_its_key<H: StoreHarness>(h: &H) {
+    let s = h.store(StoreOptions::default()).await;
+    let later = Message::builder("conf.delay.key", "first, delayed")
+        .key("k")
+        .not_before(SystemTime::now() + SHORT)
+        .build()
+        .expect("valid");
+    let next = msg("conf.delay.key", Some("k"));
+    let other = msg("conf.delay.key", Some("other"));
+    // Enqueued one by one, as separate business transactions would.
+    for m in [&later, &next, &other] {
+        h.enqueue(&s, vec![m.clone()]).await.expect("enqueue");
+    }
+    let early = drain(&s, "a").await;
+    assert_eq!(
+        early,
+        vec![other.id],
+        "key k waits behind its delayed message"
+    );
+    sleep(SHORT + Duration::from_millis(300)).await;
+    let rest = drain(&s, "a").await;
+    assert_eq!(rest, vec![later.id, next.id], "then in enqueue order");
 }
 
 async fn retry_counts_an_attempt_and_waits<H: StoreHarness>(h: &H) {
