@@ -9,7 +9,7 @@ scripts/services.sh
 export OUTBOX_SUMMARY_FILE="${OUTBOX_SUMMARY_FILE:-$(mktemp -t outbox-summary.XXXXXX)}"
 : > "$OUTBOX_SUMMARY_FILE"
 status=0
-cargo test --workspace --all-features "$@" || status=$?
+cargo test --workspace --all-features --no-fail-fast "$@" || status=$?
 # A fault scenario restarts servers; make sure they are all up again.
 scripts/services.sh >/dev/null || status=1
 if [ -s "$OUTBOX_SUMMARY_FILE" ]; then

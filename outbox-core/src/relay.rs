@@ -65,6 +65,13 @@ pub struct RelayConfig {
     pub shutdown_timeout: Duration,
     /// How often an idle relay refreshes the backlog gauges (default 15 s).
     pub stats_interval: Duration,
+    /// Claim-publish-settle loops run side by side (default 1). Each lane
+    /// claims as its own owner (`<id>/<n>`), so while one lane publishes
+    /// another claims or settles; the store keeps per-key order between
+    /// lanes as between relays. It pays off when round trips, not CPU, bound
+    /// the relay (a remote database or broker); on the 2-core benchmark
+    /// machine 2 lanes measured the same as 1.
+    pub lanes: usize,
 }
 
 impl Default for RelayConfig {
@@ -83,6 +90,7 @@ impl Default for RelayConfig {
             max_in_flight: 1000,
             shutdown_timeout: Duration::from_secs(10),
             stats_interval: Duration::from_secs(15),
+            lanes: 1,
         }
     }
 }
@@ -105,6 +113,9 @@ impl RelayConfig {
         }
         if self.max_in_flight == 0 {
             return bad("max_in_flight must be at least 1");
+        }
+        if self.lanes == 0 || self.lanes > 64 {
+            return bad("lanes must be between 1 and 64");
         }
         Ok(())
     }
@@ -169,6 +180,11 @@ impl RelayBuilder {
     /// How often idle relays refresh backlog gauges.
     pub fn stats_interval(mut self, d: Duration) -> Self {
         self.config.stats_interval = d;
+        self
+    }
+    /// Claim-publish-settle loops run side by side (see [`RelayConfig::lanes`]).
+    pub fn lanes(mut self, n: usize) -> Self {
+        self.config.lanes = n;
         self
     }
     /// The lease owner name (default: generated, `relay-<pid>-<random>`).
@@ -336,6 +352,32 @@ impl Relay {
     /// are released, so nothing stays leased. Store errors never end the run;
     /// they are logged, counted and retried with backoff.
     pub async fn run(&self, cancel: CancellationToken) -> RelayReport {
+        if self.config.lanes <= 1 {
+            return self.run_lane(cancel).await;
+        }
+        let lanes: Vec<Relay> = (0..self.config.lanes)
+            .map(|n| Relay {
+                store: self.store.clone(),
+                transport: self.transport.clone(),
+                config: RelayConfig {
+                    lanes: 1,
+                    ..self.config.clone()
+                },
+                id: RelayId::new(format!("{}/{n}", self.id)),
+                signal: self.signal.clone(),
+            })
+            .collect();
+        let reports =
+            futures_util::future::join_all(lanes.iter().map(|l| l.run_lane(cancel.clone()))).await;
+        let mut total = RelayReport::default();
+        for r in &reports {
+            total.add(r);
+        }
+        total
+    }
+
+    /// One claim-publish-settle loop: the state machine.
+    async fn run_lane(&self, cancel: CancellationToken) -> RelayReport {
         let mut total = RelayReport::default();
         let mut state = State::Idle;
         let mut store_failures = 0u32;

@@ -20,8 +20,10 @@ impl Signal {
         Self::default()
     }
 
-    /// Wakes the relay (call after commit).
+    /// Wakes the relay (call after commit): every waiting lane, or the next
+    /// one to wait.
     pub fn notify(&self) {
+        self.0.notify_waiters();
         self.0.notify_one();
     }
 

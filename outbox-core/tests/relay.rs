@@ -664,3 +664,47 @@ async fn an_idle_relay_wakes_for_the_retry_it_scheduled() {
     assert_eq!(transport.attempts(&id), 2);
     running.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn lanes_keep_per_key_order_under_failures() {
+    let store = Arc::new(MemoryStore::new());
+    let ms: Vec<Message> = (0..600)
+        .map(|i| msg(Some(&format!("k{}", i % 12))))
+        .collect();
+    let order: HashMap<MessageId, (String, usize)> = ms
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.id, (m.key.clone().unwrap(), i)))
+        .collect();
+    store.enqueue(ms).unwrap();
+    let transport = ScriptedTransport::new()
+        .fail_randomly(0.2, 5)
+        .slow(Duration::from_millis(3));
+    let relay = Relay::builder(store.clone(), Arc::new(transport.clone()))
+        .lanes(3)
+        .batch_size(25)
+        .max_attempts(1_000)
+        .retry(no_jitter(10, 50))
+        .poll_interval(Duration::from_millis(20))
+        .build()
+        .unwrap();
+    let running = relay.spawn();
+    assert_eq!(
+        transport
+            .recorder()
+            .wait_for(600, Duration::from_secs(600))
+            .await,
+        600
+    );
+    let report = running.stop().await;
+    assert_eq!(report.published, 600);
+    assert!(report.batches > 24, "the lanes shared the work: {report:?}");
+    let mut last: HashMap<String, usize> = HashMap::new();
+    for m in transport.recorder().messages() {
+        let (k, pos) = &order[&m.id];
+        if let Some(prev) = last.insert(k.clone(), *pos) {
+            assert!(prev < *pos, "key {k}: {pos} after {prev}");
+        }
+    }
+    assert_eq!(store.leased(), 0);
+}

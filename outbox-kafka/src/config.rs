@@ -552,6 +552,6 @@ mod tests {
         let back: KafkaConfig = serde_json::from_value(json).unwrap();
         assert_eq!(back, c);
         let partial: KafkaConfig = serde_json::from_str(r#"{"brokers":"x:1"}"#).unwrap();
-        assert_eq!(partial.linger, Duration::from_millis(5));
+        assert_eq!(partial.linger, Duration::from_millis(1));
     }
 }

@@ -278,3 +278,62 @@ async fn a_relay_cut_off_mid_batch_loses_its_lease_to_another() {
         .collect();
     assert_eq!(check(&rec.messages(), &order), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_relay_with_four_lanes_keeps_order() {
+    let Some(admin) = pool(4).await else { return };
+    let (store, outbox) = fresh(&admin, StoreConfig::default()).await;
+    let transport = ScriptedTransport::new().fail_randomly(0.05, 9);
+    let relay = Relay::builder(Arc::new(store), Arc::new(transport.clone()))
+        .lanes(4)
+        .batch_size(100)
+        .poll_interval(Duration::from_millis(50))
+        .max_attempts(1_000)
+        .retry(fast_retry())
+        .build()
+        .unwrap();
+    let messages: Vec<Message> = (0..5_000)
+        .map(|i| {
+            Message::builder("orders.placed", "x")
+                .key(format!("k{}", i % 40))
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let order: HashMap<MessageId, (String, usize)> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.id, (m.key.clone().unwrap(), i)))
+        .collect();
+    let running = relay.spawn();
+    for chunk in messages.chunks(500) {
+        let mut tx = admin.begin().await.unwrap();
+        outbox.enqueue_batch(&mut *tx, chunk).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while transport
+        .recorder()
+        .messages()
+        .iter()
+        .map(|m| m.id)
+        .collect::<HashSet<_>>()
+        .len()
+        < 5_000
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let report = running.stop().await;
+    let published = transport.recorder().messages();
+    let dups = check(&published, &order);
+    println!(
+        "four lanes: published {}, retried {}, duplicates {dups}",
+        report.published, report.retried
+    );
+    assert_eq!(
+        published.iter().map(|m| m.id).collect::<HashSet<_>>().len(),
+        5_000
+    );
+    assert_eq!(dups, 0);
+}
