@@ -4,10 +4,12 @@
 //! (keyless messages hash their id) in a generated column. Relays hold
 //! short leases on partitions in `<table>_partitions` and claim only from
 //! partitions they hold, in sequence order, with `FOR UPDATE SKIP LOCKED`.
-//! Each claim renews the owner's partition leases in the same statement that
-//! leases the rows, so a partition lease never ends before the row leases
-//! in it: a relay that takes over an expired partition never races the old
-//! owner for one key. Live relays register in `<table>_relays`; each takes
+//! Each claim renews the owner's partition leases and stamps them with a
+//! fresh claim token in the same statement that reads the rows; rows carry
+//! no lease of their own. A partition taken over after its lease expired
+//! gets a new stamp, so the old owner's settle (fenced by the stamp and by
+//! the ids its claim handed out) changes nothing, and the new owner never
+//! races it for one key. Live relays register in `<table>_relays`; each takes
 //! `ceil(64 / live relays)` partitions, so a new relay gets a share and a
 //! dead relay's share moves once its lease expires.
 //!
@@ -20,6 +22,7 @@
 //! inserts ran, which is the commit order when the key's business rows are
 //! locked by the application (as they are when both update the same entity).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -69,6 +72,8 @@ pub fn schema(table: &TableName) -> String {
     not_before   TIMESTAMPTZ,
     attempts     INT NOT NULL DEFAULT 0,
     last_error   TEXT,
+    -- Row leases: not used by PgStore (it leases partitions), kept for
+    -- relays that lease rows.
     lease_owner  TEXT,
     lease_until  TIMESTAMPTZ,
     lease_token  BIGINT,
@@ -82,8 +87,10 @@ CREATE INDEX IF NOT EXISTS {delivered} ON {t} (delivered_at) WHERE delivered_at 
 CREATE TABLE IF NOT EXISTS {t}_partitions (
     partition   SMALLINT PRIMARY KEY,
     owner       TEXT,
-    lease_until TIMESTAMPTZ
+    lease_until TIMESTAMPTZ,
+    claim_token BIGINT
 );
+ALTER TABLE {t}_partitions ADD COLUMN IF NOT EXISTS claim_token BIGINT;
 INSERT INTO {t}_partitions (partition) SELECT generate_series(0, {last}) ON CONFLICT DO NOTHING;
 CREATE TABLE IF NOT EXISTS {t}_relays (
     owner       TEXT PRIMARY KEY,
@@ -236,8 +243,40 @@ struct Inner {
     config: StoreConfig,
     sql: Sql,
     owners: Owners,
+    /// Per owner: the ids its outstanding claim handed out, by token.
+    claims: std::sync::Mutex<HashMap<String, Option<(u64, HashSet<MessageId>)>>>,
     wakeup: Arc<Notify>,
     listener: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Inner {
+    /// The outstanding claim of `owner` (a guard over its slot).
+    fn claimed(&self, owner: &str) -> ClaimSlot<'_> {
+        let guard = self.claims.lock().unwrap_or_else(|p| p.into_inner());
+        ClaimSlot {
+            guard,
+            owner: owner.to_string(),
+        }
+    }
+}
+
+/// A locked view of one owner's outstanding claim.
+struct ClaimSlot<'a> {
+    guard: std::sync::MutexGuard<'a, HashMap<String, Option<(u64, HashSet<MessageId>)>>>,
+    owner: String,
+}
+
+impl std::ops::Deref for ClaimSlot<'_> {
+    type Target = Option<(u64, HashSet<MessageId>)>;
+    fn deref(&self) -> &Self::Target {
+        self.guard.get(&self.owner).unwrap_or(&None)
+    }
+}
+
+impl std::ops::DerefMut for ClaimSlot<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.guard.entry(self.owner.clone()).or_insert(None)
+    }
 }
 
 impl Drop for Inner {
@@ -259,7 +298,6 @@ impl std::fmt::Debug for PgStore {
 
 /// Statements, built once from the validated table name.
 struct Sql {
-    token: String,
     claim: String,
     settle: String,
     heartbeat: String,
@@ -273,15 +311,21 @@ impl Sql {
     fn new(c: &StoreConfig) -> Self {
         let t = c.table.qualified("");
         let pending = "delivered_at IS NULL AND dead_at IS NULL";
-        let unlease = "lease_owner = NULL, lease_until = NULL, lease_token = NULL";
+        // Rows are not leased one by one: the owner's partitions are, and
+        // every claim stamps its token on them. A settle touches only rows
+        // in partitions that still carry its claim's token.
+        let ours = format!(
+            "partition = ANY(ARRAY(SELECT partition FROM {t}_partitions \
+               WHERE owner = $9 AND claim_token = $1))"
+        );
         let delivered = if c.keep_delivered {
             format!(
-                "UPDATE {t} SET delivered_at = now(), {unlease} \
-                 WHERE id = ANY($2) AND lease_token = $1 AND {pending} RETURNING msg_key, seq"
+                "UPDATE {t} SET delivered_at = now() \
+                 WHERE id = ANY($2) AND {ours} AND {pending} RETURNING msg_key, seq"
             )
         } else {
             format!(
-                "DELETE FROM {t} WHERE id = ANY($2) AND lease_token = $1 AND {pending} \
+                "DELETE FROM {t} WHERE id = ANY($2) AND {ours} AND {pending} \
                  RETURNING msg_key, seq"
             )
         };
@@ -296,48 +340,47 @@ impl Sql {
             )
         };
         Sql {
-            token: format!("SELECT nextval('{t}_token')"),
+            // One row per claimed message, or one row of NULLs: the token
+            // and the database time come back either way.
             claim: format!(
-                "WITH mine AS ( \
-                   UPDATE {t}_partitions SET lease_until = now() + make_interval(secs => $3) \
+                "WITH tok AS (SELECT nextval('{t}_token') AS v, now() AS now), \
+                 mine AS ( \
+                   UPDATE {t}_partitions SET lease_until = now() + make_interval(secs => $3), \
+                     claim_token = (SELECT v FROM tok) \
                    WHERE owner = $1 RETURNING partition), \
                  c AS ( \
-                   SELECT t.id FROM {t} t \
+                   SELECT t.id, t.topic, t.msg_key, t.payload, t.headers, t.created_at, \
+                     t.attempts, t.not_before, t.seq \
+                   FROM {t} t \
                    WHERE t.delivered_at IS NULL AND t.dead_at IS NULL \
                      AND t.partition = ANY(ARRAY(SELECT partition FROM mine)) \
                      AND (t.not_before IS NULL OR t.not_before <= now()) \
-                     AND (t.lease_until IS NULL OR t.lease_until <= now()) \
                      AND NOT EXISTS (SELECT 1 FROM {t}_blocked b \
                                      WHERE b.msg_key = t.msg_key AND b.seq < t.seq) \
-                   ORDER BY t.seq LIMIT $2 FOR UPDATE SKIP LOCKED) \
-                 UPDATE {t} t SET lease_owner = $1, lease_until = now() + make_interval(secs => $3), \
-                   lease_token = $4 \
-                 FROM c WHERE t.id = c.id \
-                 RETURNING t.id, t.topic, t.msg_key, t.payload, t.headers, t.created_at, \
-                   t.attempts, t.not_before, t.seq"
+                   ORDER BY t.seq LIMIT $2 FOR UPDATE OF t SKIP LOCKED) \
+                 SELECT tok.v AS token, tok.now AS now, c.* FROM tok LEFT JOIN c ON true \
+                 ORDER BY c.seq"
             ),
             settle: format!(
                 "WITH d AS ({delivered}), \
                  db AS (DELETE FROM {t}_blocked b USING d WHERE b.msg_key = d.msg_key AND b.seq = d.seq), \
                  r AS ( \
                    UPDATE {t} t SET attempts = t.attempts + 1, last_error = x.err, \
-                     not_before = now() + make_interval(secs => x.delay), {unlease} \
+                     not_before = now() + make_interval(secs => x.delay) \
                    FROM unnest($3::uuid[], $4::text[], $5::float8[]) AS x(id, err, delay) \
-                   WHERE t.id = x.id AND t.lease_token = $1 AND t.{pending_t} \
+                   WHERE t.id = x.id AND t.{ours} AND t.{pending_t} \
                    RETURNING t.msg_key, t.seq), \
                  rb AS (INSERT INTO {t}_blocked (msg_key, seq) SELECT msg_key, seq FROM r \
                    WHERE msg_key IS NOT NULL ON CONFLICT DO NOTHING), \
                  x AS ( \
-                   UPDATE {t} t SET attempts = t.attempts + 1, last_error = x.err, dead_at = now(), {unlease} \
+                   UPDATE {t} t SET attempts = t.attempts + 1, last_error = x.err, dead_at = now() \
                    FROM unnest($6::uuid[], $7::text[]) AS x(id, err) \
-                   WHERE t.id = x.id AND t.lease_token = $1 AND t.{pending_t} \
+                   WHERE t.id = x.id AND t.{ours} AND t.{pending_t} \
                    RETURNING t.msg_key, t.seq), \
-                 xb AS ({dead_blocks}), \
-                 rel AS ( \
-                   UPDATE {t} SET {unlease} WHERE id = ANY($8) AND lease_token = $1 AND {pending} \
-                   RETURNING 1) \
+                 xb AS ({dead_blocks}) \
                  SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM r), \
-                        (SELECT count(*) FROM x), (SELECT count(*) FROM rel)",
+                        (SELECT count(*) FROM x), \
+                        (SELECT count(*) FROM {t} WHERE id = ANY($8) AND {ours} AND {pending})",
                 pending_t = "delivered_at IS NULL AND t.dead_at IS NULL",
             ),
             heartbeat: format!(
@@ -387,6 +430,7 @@ impl PgStore {
                 pool,
                 config,
                 owners: Owners::default(),
+                claims: std::sync::Mutex::default(),
                 wakeup,
                 listener,
             }),
@@ -570,33 +614,34 @@ impl Store for PgStore {
         let limit = i64::try_from(request.limit).unwrap_or(i64::MAX);
         let started = tokio::time::Instant::now();
         let mut tx = self.begin("claim").await?;
-        let token: i64 = sqlx::query_scalar(&self.inner.sql.token)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(err("claim"))?;
         let rows = sqlx::query(&self.inner.sql.claim)
             .bind(owner)
             .bind(limit)
             .bind(secs(request.lease))
-            .bind(token)
             .fetch_all(&mut *tx)
             .await
             .map_err(err("claim"))?;
-        let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(err("claim"))?;
         tx.commit().await.map_err(err("claim"))?;
-        let mut messages = rows
-            .iter()
-            .map(Self::row_to_message)
-            .collect::<Result<Vec<_>>>()?;
-        messages.sort_by_key(|(seq, _)| *seq);
+        let Some(first) = rows.first() else {
+            return Ok(empty_claim(request));
+        };
+        let token: i64 = first.try_get("token").map_err(err("claim"))?;
+        let now: DateTime<Utc> = first.try_get("now").map_err(err("claim"))?;
+        let mut messages = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: Option<Uuid> = row.try_get("id").map_err(err("claim"))?;
+            if id.is_some() {
+                messages.push(Self::row_to_message(row)?.1);
+            }
+        }
         let token = u64::try_from(token).unwrap_or(0);
         if !messages.is_empty() {
             owners.update(owner, |s| {
                 s.outstanding = Some((token, started + request.lease))
             });
+            self.inner
+                .claimed(owner)
+                .replace((token, messages.iter().map(|m| m.id).collect()));
         }
         Ok(Claim {
             lease: Lease {
@@ -604,7 +649,7 @@ impl Store for PgStore {
                 token: FencingToken(token),
                 expires_at: SystemTime::from(now) + request.lease,
             },
-            messages: messages.into_iter().map(|(_, m)| m).collect(),
+            messages,
         })
     }
 
@@ -615,7 +660,22 @@ impl Store for PgStore {
                 .settled(lease.owner.as_str(), lease.token.0);
             return Ok(SettleReport::default());
         }
-        let s = dedupe(settlement);
+        // Only rows this claim handed out: the partition stamp fences other
+        // owners, this fences other rows of the same partitions.
+        let owner = lease.owner.as_str();
+        let held: HashSet<MessageId> = match &*self.inner.claimed(owner) {
+            Some((token, ids)) if *token == lease.token.0 => ids.clone(),
+            _ => HashSet::new(),
+        };
+        let mut s = dedupe(settlement);
+        s.delivered.retain(|id| held.contains(id));
+        s.retries.retain(|r| held.contains(&r.id));
+        s.dead.retain(|f| held.contains(&f.id));
+        s.released.retain(|id| held.contains(id));
+        if s.is_empty() {
+            self.inner.owners.settled(owner, lease.token.0);
+            return Ok(SettleReport::default());
+        }
         let token = i64::try_from(lease.token.0).unwrap_or(-1);
         let uuids = |ids: &[MessageId]| ids.iter().map(|i| *i.as_uuid()).collect::<Vec<_>>();
         let mut tx = self.begin("settle").await?;
@@ -638,13 +698,18 @@ impl Store for PgStore {
             .bind(s.dead.iter().map(|f| *f.id.as_uuid()).collect::<Vec<_>>())
             .bind(s.dead.iter().map(|f| f.error.as_str()).collect::<Vec<_>>())
             .bind(uuids(&s.released))
+            .bind(owner)
             .fetch_one(&mut *tx)
             .await
             .map_err(err("settle"))?;
         tx.commit().await.map_err(err("settle"))?;
-        self.inner
-            .owners
-            .settled(lease.owner.as_str(), lease.token.0);
+        self.inner.owners.settled(owner, lease.token.0);
+        {
+            let mut claimed = self.inner.claimed(owner);
+            if claimed.as_ref().is_some_and(|(t, _)| *t == lease.token.0) {
+                *claimed = None;
+            }
+        }
         let n = |i: usize| -> Result<u64> {
             let v: i64 = row.try_get(i).map_err(err("settle"))?;
             Ok(u64::try_from(v).unwrap_or(0))
@@ -701,6 +766,11 @@ impl Store for PgStore {
             .await
             .map_err(err("leave"))?;
         self.inner.owners.remove(owner.as_str());
+        self.inner
+            .claims
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(owner.as_str());
         Ok(())
     }
 }
