@@ -244,7 +244,7 @@ struct Inner {
     sql: Sql,
     owners: Owners,
     /// Per owner: the ids its outstanding claim handed out, by token.
-    claims: std::sync::Mutex<HashMap<String, Option<(u64, HashSet<MessageId>)>>>,
+    claims: std::sync::Mutex<HashMap<String, HeldClaim>>,
     wakeup: Arc<Notify>,
     listener: Option<tokio::task::JoinHandle<()>>,
 }
@@ -260,14 +260,17 @@ impl Inner {
     }
 }
 
+/// An owner's outstanding claim: its token and the ids it handed out.
+type HeldClaim = Option<(u64, HashSet<MessageId>)>;
+
 /// A locked view of one owner's outstanding claim.
 struct ClaimSlot<'a> {
-    guard: std::sync::MutexGuard<'a, HashMap<String, Option<(u64, HashSet<MessageId>)>>>,
+    guard: std::sync::MutexGuard<'a, HashMap<String, HeldClaim>>,
     owner: String,
 }
 
 impl std::ops::Deref for ClaimSlot<'_> {
-    type Target = Option<(u64, HashSet<MessageId>)>;
+    type Target = HeldClaim;
     fn deref(&self) -> &Self::Target {
         self.guard.get(&self.owner).unwrap_or(&None)
     }
