@@ -518,13 +518,16 @@ impl Relay {
             .await
     }
 
-    /// Calls [`relay_once`](Self::relay_once) until a claim comes back empty.
-    /// Messages waiting for a retry are not waited for.
+    /// Calls [`relay_once`](Self::relay_once) until a claim comes back empty,
+    /// then hands back the relay's share of the store (`Store::leave`), so
+    /// that other relays need not wait for its leases to expire. Messages
+    /// waiting for a retry are not waited for.
     pub async fn drain(&self) -> Result<RelayReport> {
         let mut total = RelayReport::default();
         loop {
             let r = self.relay_once().await?;
             if r.batches == 0 {
+                self.store.leave(&self.id).await?;
                 return Ok(total);
             }
             total.add(&r);
