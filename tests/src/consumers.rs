@@ -56,40 +56,8 @@ pub async fn nats(url: &str, subject: &str) -> Log {
 /// A durable queue bound to `exchange` with `binding`, consumed with acks;
 /// reads the id from the `message_id` property.
 pub async fn amqp(url: &str, exchange: &str, queue: &str, binding: &str) -> Log {
-    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
-        .await
-        .expect("connect to RabbitMQ");
+    let conn = amqp_declare(url, exchange, queue, binding).await;
     let ch = conn.create_channel().await.expect("channel");
-    ch.exchange_declare(
-        exchange.into(),
-        lapin::ExchangeKind::Topic,
-        lapin::options::ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("declare exchange");
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("declare queue");
-    ch.queue_bind(
-        queue.into(),
-        exchange.into(),
-        binding.into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .expect("bind");
     let mut consumer = ch
         .basic_consume(
             queue.into(),
