@@ -278,9 +278,9 @@ impl Brokers {
     /// What [`tuned`](Self::transport_with) changes for `b`, if anything.
     pub fn tuning(b: Broker) -> Option<&'static str> {
         match b {
-            Broker::JetStream => Some("max_in_flight 1000 (default 256)"),
-            Broker::RabbitMq => Some("max_in_flight 1000 (default 256)"),
-            Broker::Kafka => Some("linger 0 ms (default 5 ms)"),
+            Broker::JetStream => Some("max_in_flight 4096 (default 1024)"),
+            Broker::RabbitMq => Some("max_in_flight 4096 (default 1024)"),
+            Broker::Kafka => Some("linger 0 ms (default 1 ms)"),
             Broker::CoreNats | Broker::Redis => None,
         }
     }
@@ -288,12 +288,17 @@ impl Brokers {
     /// A transport for `b`, with the library defaults or, when `tuned`,
     /// with the settings of [`tuning`](Self::tuning).
     pub async fn transport_with(&self, b: Broker, tuned: bool) -> BoxResult<Arc<dyn Transport>> {
-        let window = if tuned { 1000 } else { 256 };
+        // Library defaults unless tuned.
+        const TUNED_WINDOW: usize = 4096;
         Ok(match b {
             Broker::JetStream | Broker::CoreNats => {
-                let builder = outbox_nats::NatsConfig::builder(&self.nats_url)
-                    .client_name("outbox-bench")
-                    .max_in_flight(window);
+                let builder =
+                    outbox_nats::NatsConfig::builder(&self.nats_url).client_name("outbox-bench");
+                let builder = if tuned {
+                    builder.max_in_flight(TUNED_WINDOW)
+                } else {
+                    builder
+                };
                 let builder = if b == Broker::CoreNats {
                     builder.core()
                 } else {
@@ -301,16 +306,17 @@ impl Brokers {
                 };
                 Arc::new(outbox_nats::NatsTransport::connect(builder.build()?).await?)
             }
-            Broker::RabbitMq => Arc::new(
-                outbox_amqp::AmqpTransport::connect(
-                    outbox_amqp::AmqpConfig::builder(&self.amqp_url)
-                        .exchange(self.exchange())
-                        .connection_name("outbox-bench")
-                        .max_in_flight(window)
-                        .build()?,
-                )
-                .await?,
-            ),
+            Broker::RabbitMq => {
+                let builder = outbox_amqp::AmqpConfig::builder(&self.amqp_url)
+                    .exchange(self.exchange())
+                    .connection_name("outbox-bench");
+                let builder = if tuned {
+                    builder.max_in_flight(TUNED_WINDOW)
+                } else {
+                    builder
+                };
+                Arc::new(outbox_amqp::AmqpTransport::connect(builder.build()?).await?)
+            }
             Broker::Kafka => Arc::new(
                 outbox_kafka::KafkaTransport::connect(if tuned {
                     outbox_kafka::KafkaConfig::builder(&self.kafka_bootstrap)

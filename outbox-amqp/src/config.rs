@@ -102,7 +102,7 @@ pub struct AmqpConfig {
     /// Per-topic-pattern overrides; the first matching route wins.
     pub routes: Vec<AmqpRoute>,
     /// Most publishes awaiting their confirm at once, across all batches of
-    /// this transport (default 256).
+    /// this transport (default 1,024).
     pub max_in_flight: usize,
     /// How long a publish waits for its confirm before failing as a transient
     /// timeout (default 10 s).
@@ -126,7 +126,7 @@ impl Default for AmqpConfig {
             exchange_kind: ExchangeType::Topic,
             declare_exchange: true,
             routes: Vec::new(),
-            max_in_flight: 256,
+            max_in_flight: 1024,
             confirm_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             unroutable_is_transient: false,
@@ -328,7 +328,7 @@ impl AmqpConfigBuilder {
         self
     }
 
-    /// Most publishes awaiting their confirm at once (default 256).
+    /// Most publishes awaiting their confirm at once (default 1,024).
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.config.max_in_flight = n;
         self
@@ -547,7 +547,7 @@ mod tests {
         let back: AmqpConfig = serde_json::from_str(&json).unwrap();
         assert_eq!(back, c);
         let partial: AmqpConfig = serde_json::from_str(r#"{"exchange":"e"}"#).unwrap();
-        assert_eq!(partial.max_in_flight, 256);
+        assert_eq!(partial.max_in_flight, 1024);
         assert!(partial.declare_exchange);
     }
 }

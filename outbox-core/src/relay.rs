@@ -245,14 +245,45 @@ impl StateName {
 enum State {
     Idle,
     Claiming,
-    Publishing(Claim),
-    Settling {
-        lease: Lease,
-        settlement: Settlement,
-        full: bool,
+    /// Publishing a claim; `behind` is the claim before it when this one was
+    /// claimed ahead (it is settled meanwhile).
+    Publishing {
+        claim: Claim,
+        behind: Option<Published>,
     },
+    Settling(Published),
     BackingOff(Duration),
     Stopping,
+}
+
+/// A published claim waiting to be settled.
+struct Published {
+    lease: Lease,
+    settlement: Settlement,
+    /// Keys it failed or held back: the two claims after it, when claimed
+    /// ahead, release their messages.
+    blocked: HashSet<String>,
+    /// `blocked` of the claim before it.
+    inherited: HashSet<String>,
+    /// Whether it was a full batch (more work is likely waiting).
+    full: bool,
+    /// The shortest retry delay it asks for.
+    soonest_retry: Option<Duration>,
+}
+
+/// What [`Relay::step`] did.
+struct Step {
+    /// The claim just published, not settled yet.
+    published: Published,
+    /// The settle of the claim before it, with that claim's soonest retry.
+    behind: Option<(Result<RelayReport>, Option<Duration>)>,
+    /// The claim taken ahead; `None` when none was asked for or the store
+    /// said not now.
+    ahead: Option<Result<Claim>>,
+}
+
+fn soonest_retry(settlement: &Settlement) -> Option<Duration> {
+    settlement.retries.iter().map(|r| r.delay).min()
 }
 
 impl State {
@@ -260,8 +291,8 @@ impl State {
         match self {
             State::Idle => StateName::Idle,
             State::Claiming => StateName::Claiming,
-            State::Publishing(_) => StateName::Publishing,
-            State::Settling { .. } => StateName::Settling,
+            State::Publishing { .. } => StateName::Publishing,
+            State::Settling(_) => StateName::Settling,
             State::BackingOff(_) => StateName::BackingOff,
             State::Stopping => StateName::Stopping,
         }
@@ -418,7 +449,10 @@ impl Relay {
                     }
                     Ok(claim) => {
                         store_failures = 0;
-                        State::Publishing(claim)
+                        State::Publishing {
+                            claim,
+                            behind: None,
+                        }
                     }
                     Err(e) => {
                         store_failures += 1;
@@ -426,30 +460,66 @@ impl Relay {
                         State::BackingOff(self.config.store_retry.delay(store_failures))
                     }
                 },
-                State::Publishing(claim) => {
-                    let full = claim.messages.len() >= self.config.batch_size;
-                    let settlement = self.publish(&claim.messages, Some(&cancel)).await;
-                    State::Settling {
-                        lease: claim.lease,
-                        settlement,
-                        full,
+                State::Publishing { claim, behind } => {
+                    let step = self.step(claim, behind, &cancel).await;
+                    let mut published = step.published;
+                    let mut settled_behind = true;
+                    if let Some((result, retry)) = step.behind {
+                        match result {
+                            Ok(report) => {
+                                total.add(&report);
+                                schedule(&mut next_retry, retry);
+                            }
+                            Err(_) => {
+                                store_failures += 1;
+                                settled_behind = false;
+                            }
+                        }
+                    }
+                    match step.ahead {
+                        Some(Ok(next)) if next.messages.is_empty() => {
+                            published.full = false;
+                            State::Settling(published)
+                        }
+                        Some(Ok(next)) if settled_behind && !cancel.is_cancelled() => {
+                            State::Publishing {
+                                claim: next,
+                                behind: Some(published),
+                            }
+                        }
+                        Some(Ok(next)) => {
+                            // Stopping: hand the claim back unpublished.
+                            let released = Settlement {
+                                released: next.messages.iter().map(|m| m.id).collect(),
+                                ..Settlement::default()
+                            };
+                            if let Ok(r) = self.settle(&next.lease, &released, &cancel).await {
+                                total.add(&r);
+                            }
+                            State::Settling(published)
+                        }
+                        Some(Err(e)) => {
+                            store_failures += 1;
+                            self.store_error("claim", &e);
+                            State::Settling(published)
+                        }
+                        None => {
+                            // After a failed settle, wait before claiming again.
+                            published.full &= settled_behind;
+                            State::Settling(published)
+                        }
                     }
                 }
-                State::Settling {
-                    lease,
-                    settlement,
-                    full,
-                } => match self.settle(&lease, &settlement, &cancel).await {
+                State::Settling(published) => match self
+                    .settle(&published.lease, &published.settlement, &cancel)
+                    .await
+                {
                     Ok(report) => {
                         total.add(&report);
-                        if let Some(delay) = settlement.retries.iter().map(|r| r.delay).min() {
-                            // A little after the store's time, so the row is due.
-                            let due = Instant::now() + delay + Duration::from_millis(5);
-                            next_retry = Some(next_retry.map_or(due, |t| t.min(due)));
-                        }
+                        schedule(&mut next_retry, published.soonest_retry);
                         if cancel.is_cancelled() {
                             State::Stopping
-                        } else if full {
+                        } else if published.full {
                             State::Claiming
                         } else {
                             State::Idle
@@ -513,25 +583,46 @@ impl Relay {
         if claim.messages.is_empty() {
             return Ok(RelayReport::default());
         }
-        let settlement = self.publish(&claim.messages, None).await;
+        let (settlement, _) = self.publish(&claim.messages, &HashSet::new(), None).await;
         self.settle(&claim.lease, &settlement, &CancellationToken::new())
             .await
     }
 
-    /// Calls [`relay_once`](Self::relay_once) until a claim comes back empty,
-    /// then hands back the relay's share of the store (`Store::leave`), so
-    /// that other relays need not wait for its leases to expire. Messages
-    /// waiting for a retry are not waited for.
+    /// Relays until a claim comes back empty (claiming ahead where the store
+    /// can, like [`run`](Self::run)), then hands back the relay's share of the
+    /// store (`Store::leave`), so that other relays need not wait for its
+    /// leases to expire. Messages waiting for a retry are not waited for.
     pub async fn drain(&self) -> Result<RelayReport> {
+        let never = CancellationToken::new();
         let mut total = RelayReport::default();
-        loop {
-            let r = self.relay_once().await?;
-            if r.batches == 0 {
-                self.store.leave(&self.id).await?;
-                return Ok(total);
+        let mut claim = self.claim().await?;
+        let mut behind: Option<Published> = None;
+        while !claim.messages.is_empty() {
+            let step = self.step(claim, behind.take(), &never).await;
+            if let Some((result, _)) = step.behind {
+                total.add(&result?);
             }
-            total.add(&r);
+            let published = step.published;
+            match step.ahead {
+                Some(Ok(next)) if !next.messages.is_empty() => {
+                    behind = Some(published);
+                    claim = next;
+                }
+                ahead => {
+                    total.add(
+                        &self
+                            .settle(&published.lease, &published.settlement, &never)
+                            .await?,
+                    );
+                    if let Some(Err(e)) = ahead {
+                        return Err(e);
+                    }
+                    claim = self.claim().await?;
+                }
+            }
         }
+        self.store.leave(&self.id).await?;
+        Ok(total)
     }
 
     fn transition(&self, from: StateName, to: StateName) {
@@ -563,17 +654,45 @@ impl Relay {
         }
     }
 
-    async fn claim(&self) -> Result<Claim> {
-        let request = ClaimRequest {
+    fn request(&self) -> ClaimRequest {
+        ClaimRequest {
             owner: self.id.clone(),
             limit: self.config.batch_size,
             lease: self.config.lease,
-        };
-        let store = self.store.name();
-        let span =
-            info_span!("outbox.claim", store, relay = %self.id, count = tracing::field::Empty);
+        }
+    }
+
+    async fn claim(&self) -> Result<Claim> {
+        let span = info_span!("outbox.claim", store = self.store.name(), relay = %self.id, count = tracing::field::Empty);
         let started = Instant::now();
-        let claim = self.store.claim(&request).instrument(span.clone()).await?;
+        let claim = self
+            .store
+            .claim(&self.request())
+            .instrument(span.clone())
+            .await?;
+        self.claimed(&span, started, &claim);
+        Ok(claim)
+    }
+
+    /// Claims the next batch while `outstanding` is being published
+    /// ([`Store::claim_ahead`]).
+    async fn claim_ahead(&self, outstanding: &Lease) -> Result<Option<Claim>> {
+        let span = info_span!("outbox.claim", store = self.store.name(), relay = %self.id,
+            ahead = true, count = tracing::field::Empty);
+        let started = Instant::now();
+        let claim = self
+            .store
+            .claim_ahead(&self.request(), outstanding)
+            .instrument(span.clone())
+            .await?;
+        if let Some(claim) = &claim {
+            self.claimed(&span, started, claim);
+        }
+        Ok(claim)
+    }
+
+    fn claimed(&self, span: &tracing::Span, started: Instant, claim: &Claim) {
+        let store = self.store.name();
         span.record("count", claim.messages.len());
         metrics::histogram!(names::CLAIM_DURATION, "store" => store.to_string())
             .record(started.elapsed().as_secs_f64());
@@ -581,19 +700,86 @@ impl Relay {
             metrics::histogram!(names::BATCH_SIZE, "store" => store.to_string())
                 .record(claim.messages.len() as f64);
         }
-        Ok(claim)
+    }
+
+    /// Publishes `claim` while the store settles the claim before it
+    /// (`behind`) and, when `claim` is a full batch, claims the next one
+    /// ahead, all three at once: the database and the broker work at the
+    /// same time.
+    ///
+    /// A claim taken ahead may hold later messages of keys that failed in
+    /// the two claims before it (the one publishing and the one settling
+    /// when it was taken), so those keys are its `carry`: their messages are
+    /// released. A claim that released such messages is not followed by a
+    /// claim ahead: everything is settled and the next claim starts afresh,
+    /// so the released rows are not overtaken again.
+    async fn step(
+        &self,
+        claim: Claim,
+        behind: Option<Published>,
+        cancel: &CancellationToken,
+    ) -> Step {
+        let full = claim.messages.len() >= self.config.batch_size;
+        let carry: HashSet<String> = behind
+            .as_ref()
+            .map(|b| b.blocked.union(&b.inherited).cloned().collect())
+            .unwrap_or_default();
+        let ahead = full && !carried(&claim.messages, &carry);
+        let publish = self.publish(&claim.messages, &carry, Some(cancel));
+        let settle = async {
+            match &behind {
+                Some(b) => Some(self.settle(&b.lease, &b.settlement, cancel).await),
+                None => None,
+            }
+        };
+        let next = async {
+            if ahead && !cancel.is_cancelled() {
+                self.claim_ahead(&claim.lease).await.transpose()
+            } else {
+                None
+            }
+        };
+        // (The claim is polled before the settle: with a store that answers
+        // at once, the claim ahead then sees the claim behind unsettled.)
+        let ((settlement, blocked), ahead, settled) = tokio::join!(publish, next, settle);
+        let (inherited, behind_retry) = match behind {
+            Some(b) => (b.blocked, b.soonest_retry),
+            None => (HashSet::new(), None),
+        };
+        Step {
+            behind: settled.map(|r| (r, behind_retry)),
+            published: Published {
+                soonest_retry: soonest_retry(&settlement),
+                lease: claim.lease,
+                settlement,
+                blocked,
+                inherited,
+                full,
+            },
+            ahead,
+        }
     }
 
     /// Publishes a claim in waves that keep per-key order and returns its
     /// settlement. With a cancellation token, no new wave starts after it
     /// fires and an in-flight call gets the shutdown timeout to finish.
+    ///
+    /// `carry` holds keys that failed (or were held back) in the claim before
+    /// this one when this one was claimed ahead: their messages are released.
+    /// Returns the settlement and the keys this claim failed or held back.
     async fn publish(
         &self,
         messages: &[Message],
+        carry: &HashSet<String>,
         cancel: Option<&CancellationToken>,
-    ) -> Settlement {
+    ) -> (Settlement, HashSet<String>) {
         let mut settlement = Settlement::default();
-        let mut blocked: HashSet<String> = HashSet::new();
+        let carried = carried(messages, carry);
+        let mut blocked: HashSet<String> = if carried {
+            carry.clone()
+        } else {
+            HashSet::new()
+        };
         let mut batch: Vec<Message> = Vec::new();
         // Rows written by other programs may break the rules a builder
         // enforces: dead-letter those rather than hand them to a broker.
@@ -612,22 +798,23 @@ impl Relay {
         }
         for wave in waves(messages) {
             // The common case, one wave holding the whole claim, needs no copy.
-            let wave_messages: &[Message] = if wave.len() == messages.len() && invalid.is_empty() {
-                messages
-            } else {
-                batch.clear();
-                for &i in &wave {
-                    let m = &messages[i];
-                    if invalid.contains(&i) {
-                        continue;
+            let wave_messages: &[Message] =
+                if wave.len() == messages.len() && invalid.is_empty() && !carried {
+                    messages
+                } else {
+                    batch.clear();
+                    for &i in &wave {
+                        let m = &messages[i];
+                        if invalid.contains(&i) {
+                            continue;
+                        }
+                        match &m.key {
+                            Some(k) if blocked.contains(k) => settlement.released.push(m.id),
+                            _ => batch.push(m.clone()),
+                        }
                     }
-                    match &m.key {
-                        Some(k) if blocked.contains(k) => settlement.released.push(m.id),
-                        _ => batch.push(m.clone()),
-                    }
-                }
-                &batch
-            };
+                    &batch
+                };
             for chunk in wave_messages.chunks(self.config.max_in_flight) {
                 if cancel.is_some_and(|c| c.is_cancelled()) {
                     settlement.released.extend(chunk.iter().map(|m| m.id));
@@ -652,7 +839,7 @@ impl Relay {
                 }
             }
         }
-        settlement
+        (settlement, blocked)
     }
 
     /// Publishes one chunk; `None` when a shutdown gave up waiting for it.
@@ -849,6 +1036,23 @@ impl RunningRelay {
         self.cancel.cancel();
         self.task.await.unwrap_or_default()
     }
+}
+
+/// Wakes an idle relay a little after a retry it just scheduled is due (a
+/// little after the store's time, so the row is due).
+fn schedule(next_retry: &mut Option<Instant>, delay: Option<Duration>) {
+    if let Some(delay) = delay {
+        let due = Instant::now() + delay + Duration::from_millis(5);
+        *next_retry = Some(next_retry.map_or(due, |t| t.min(due)));
+    }
+}
+
+/// Whether a claim holds a message of a key in `carry`.
+fn carried(messages: &[Message], carry: &HashSet<String>) -> bool {
+    !carry.is_empty()
+        && messages
+            .iter()
+            .any(|m| m.key.as_ref().is_some_and(|k| carry.contains(k)))
 }
 
 /// Splits a claim into waves: wave `n` holds the `n`-th message of each key;

@@ -182,7 +182,7 @@ pub struct Stats {
 /// # Contract
 ///
 /// - **One claim per owner at a time**: a relay settles a claim before it
-///   claims again. A store may hand nothing to an owner whose earlier claim is
+///   claims again, except through [`Store::claim_ahead`]. A store may hand nothing to an owner whose earlier claim is
 ///   still unsettled and unexpired (for example after a failed settle), and
 ///   may share the backlog between owners (partition leases), so a claim by
 ///   one owner can come back empty while another owner holds work.
@@ -231,6 +231,26 @@ pub trait Store: Send + Sync {
     /// Backlog figures for gauges, if the store can tell. The default
     /// reports nothing.
     async fn stats(&self) -> Result<Option<Stats>> {
+        Ok(None)
+    }
+
+    /// Claims the next batch while `outstanding`, this owner's latest claim,
+    /// is still being published (claim ahead), so that the database works
+    /// while the broker does. `None` means "not now": the relay settles
+    /// `outstanding` and claims normally. The default always says so.
+    ///
+    /// A store that claims ahead keeps the contract with two changes: the
+    /// new claim excludes the messages of `outstanding` and leaves its lease
+    /// valid (both settle), and it may hand out later messages of keys that
+    /// have a message in `outstanding`. The relay publishes those only after
+    /// the earlier ones are acknowledged and releases them when an earlier
+    /// one failed.
+    async fn claim_ahead(
+        &self,
+        request: &ClaimRequest,
+        outstanding: &Lease,
+    ) -> Result<Option<Claim>> {
+        let _ = (request, outstanding);
         Ok(None)
     }
 
@@ -310,6 +330,13 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     async fn settle(&self, lease: &Lease, settlement: &Settlement) -> Result<SettleReport> {
         (**self).settle(lease, settlement).await
+    }
+    async fn claim_ahead(
+        &self,
+        request: &ClaimRequest,
+        outstanding: &Lease,
+    ) -> Result<Option<Claim>> {
+        (**self).claim_ahead(request, outstanding).await
     }
     async fn notified(&self) {
         (**self).notified().await

@@ -708,3 +708,136 @@ async fn lanes_keep_per_key_order_under_failures() {
     }
     assert_eq!(store.leased(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn claiming_ahead_keeps_per_key_order_under_random_failures() {
+    let mut rng = fastrand::Rng::with_seed(0xa4ead);
+    let cases = 1_500;
+    let mut ahead = 0;
+    for case in 0..cases {
+        let seed = rng.u64(..);
+        let mut r = fastrand::Rng::with_seed(seed);
+        let store = Arc::new(MemoryStore::with_options(
+            StoreOptions::default()
+                .claim_ahead(true)
+                .hold_dead_letters(r.bool()),
+        ));
+        let keys = r.usize(1..6);
+        let n = r.usize(1..60);
+        let ms: Vec<Message> = (0..n)
+            .map(|_| {
+                let k = r.usize(0..=keys);
+                msg((k < keys).then(|| format!("k{k}")).as_deref())
+            })
+            .collect();
+        let order: HashMap<MessageId, (Option<String>, usize)> = ms
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.id, (m.key.clone(), i)))
+            .collect();
+        store.enqueue(ms).unwrap();
+        let transport = ScriptedTransport::new().fail_randomly(r.f64() * 0.5, seed);
+        // Two pipelined relays take turns draining, with small batches.
+        let relays: Vec<Relay> = (0..2)
+            .map(|_| {
+                Relay::builder(store.clone(), Arc::new(transport.clone()))
+                    .batch_size(r.usize(1..8))
+                    .max_attempts(1_000)
+                    .retry(no_jitter(10, 40))
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let mut turns = 0;
+        while store.pending() > 0 {
+            relays[turns % 2].drain().await.unwrap();
+            turns += 1;
+            tokio::time::advance(Duration::from_millis(r.u64(1..50))).await;
+            assert!(turns < 100_000, "case {case} (seed {seed}) did not drain");
+        }
+        assert_eq!(store.leased(), 0, "case {case}: nothing stays leased");
+        ahead += store.claims_ahead();
+        let published = transport.recorder().messages();
+        assert_eq!(
+            published.len(),
+            n,
+            "case {case} (seed {seed}): each message published once"
+        );
+        let mut last: HashMap<String, usize> = HashMap::new();
+        for m in &published {
+            let (key, pos) = &order[&m.id];
+            if let Some(k) = key {
+                if let Some(prev) = last.insert(k.clone(), *pos) {
+                    assert!(
+                        prev < *pos,
+                        "case {case} (seed {seed}): key {k} published {pos} after {prev}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(ahead > 1_000, "the relays claimed ahead ({ahead} claims)");
+    println!("per-key order held in {cases} seeded cases, {ahead} claims taken ahead");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_running_relay_claims_ahead_and_stops_with_nothing_leased() {
+    let store = Arc::new(MemoryStore::with_options(
+        StoreOptions::default().claim_ahead(true),
+    ));
+    let ms: Vec<Message> = (0..600)
+        .map(|i| msg(Some(&format!("k{}", i % 12))))
+        .collect();
+    let order: HashMap<MessageId, (String, usize)> = ms
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.id, (m.key.clone().unwrap(), i)))
+        .collect();
+    store.enqueue(ms).unwrap();
+    let transport = ScriptedTransport::new()
+        .fail_randomly(0.2, 9)
+        .slow(Duration::from_millis(3));
+    let relay = Relay::builder(store.clone(), Arc::new(transport.clone()))
+        .batch_size(25)
+        .max_attempts(1_000)
+        .retry(no_jitter(10, 50))
+        .poll_interval(Duration::from_millis(20))
+        .build()
+        .unwrap();
+    let running = relay.spawn();
+    assert_eq!(
+        transport
+            .recorder()
+            .wait_for(600, Duration::from_secs(600))
+            .await,
+        600
+    );
+    let report = running.stop().await;
+    assert_eq!(report.published, 600);
+    assert!(
+        store.claims_ahead() > 5,
+        "{} claims ahead",
+        store.claims_ahead()
+    );
+    let mut last: HashMap<String, usize> = HashMap::new();
+    for m in transport.recorder().messages() {
+        let (k, pos) = &order[&m.id];
+        if let Some(prev) = last.insert(k.clone(), *pos) {
+            assert!(prev < *pos, "key {k}: {pos} after {prev}");
+        }
+    }
+    assert_eq!(store.leased(), 0);
+
+    // Stopped in the middle of a pipelined backlog, it hands back every row.
+    store
+        .enqueue((0..400).map(|i| msg(Some(&format!("k{}", i % 7)))))
+        .unwrap();
+    let relay = Relay::builder(store.clone(), Arc::new(transport.clone()))
+        .batch_size(25)
+        .build()
+        .unwrap();
+    let running = relay.spawn();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    running.stop().await;
+    assert_eq!(store.leased(), 0, "nothing stays leased after a stop");
+}

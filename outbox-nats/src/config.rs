@@ -129,7 +129,7 @@ pub struct NatsConfig {
     /// JetStream (default) or core NATS.
     pub mode: NatsMode,
     /// Most publishes awaiting their ack at once, across all batches of this
-    /// transport (default 256).
+    /// transport (default 1,024).
     pub max_in_flight: usize,
     /// How long a publish waits for its PubAck (JetStream) or a batch for the
     /// server round trip (core) before failing as a transient timeout
@@ -160,7 +160,7 @@ impl Default for NatsConfig {
         NatsConfig {
             url: "nats://127.0.0.1:4222".to_string(),
             mode: NatsMode::JetStream,
-            max_in_flight: 256,
+            max_in_flight: 1024,
             ack_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             subject_prefix: None,
@@ -368,7 +368,7 @@ impl NatsConfigBuilder {
         self.mode(NatsMode::Core)
     }
 
-    /// Most publishes awaiting their ack at once (default 256).
+    /// Most publishes awaiting their ack at once (default 1,024).
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.config.max_in_flight = n;
         self
@@ -635,6 +635,6 @@ mod tests {
         assert_eq!(back, c);
         let partial: NatsConfig = serde_json::from_str(r#"{"mode":"core"}"#).unwrap();
         assert_eq!(partial.mode, NatsMode::Core);
-        assert_eq!(partial.max_in_flight, 256);
+        assert_eq!(partial.max_in_flight, 1024);
     }
 }

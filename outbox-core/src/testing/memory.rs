@@ -38,6 +38,8 @@ struct Inner {
     by_id: HashMap<MessageId, u64>,
     next_seq: u64,
     next_token: u64,
+    /// Non-empty claims taken ahead.
+    ahead: u64,
 }
 
 /// Options for [`MemoryStore`].
@@ -48,6 +50,8 @@ pub struct StoreOptions {
     pub hold_dead_letters: bool,
     /// Keep delivered rows (for [`Purge`]) instead of deleting them.
     pub keep_delivered: bool,
+    /// Support [`Store::claim_ahead`] (the relay then pipelines).
+    pub claim_ahead: bool,
 }
 
 impl StoreOptions {
@@ -59,6 +63,11 @@ impl StoreOptions {
     /// Sets `keep_delivered`.
     pub fn keep_delivered(mut self, yes: bool) -> Self {
         self.keep_delivered = yes;
+        self
+    }
+    /// Sets `claim_ahead`.
+    pub fn claim_ahead(mut self, yes: bool) -> Self {
+        self.claim_ahead = yes;
         self
     }
 }
@@ -109,6 +118,63 @@ impl std::fmt::Debug for MemoryStore {
 }
 
 impl MemoryStore {
+    fn take(&self, request: &ClaimRequest, ahead_of: Option<&Lease>) -> Claim {
+        let now = self.now();
+        let mut inner = self.lock();
+        let token = FencingToken(inner.next_token);
+        inner.next_token += 1;
+        let expires_at = now + request.lease;
+        let mut blocked: HashSet<String> = HashSet::new();
+        let mut messages = Vec::new();
+        for row in inner.rows.values_mut() {
+            if messages.len() >= request.limit {
+                break;
+            }
+            let key = row.message.key.as_deref();
+            let takeable = match row.status {
+                Status::Delivered => continue,
+                Status::Dead => {
+                    if self.options.hold_dead_letters {
+                        if let Some(k) = key {
+                            blocked.insert(k.to_string());
+                        }
+                    }
+                    continue;
+                }
+                Status::Pending => {
+                    // Claiming ahead: rows of the owner's outstanding
+                    // claims are skipped but do not hold their keys back.
+                    if ahead_of.is_some_and(|l| {
+                        row.lease
+                            .as_ref()
+                            .is_some_and(|(_, o, until)| *o == l.owner && *until > now)
+                    }) {
+                        continue;
+                    }
+                    let leased = row.lease.as_ref().is_some_and(|l| l.2 > now);
+                    let due = row.due.is_none_or(|t| t <= now);
+                    !leased && due && !key.is_some_and(|k| blocked.contains(k))
+                }
+            };
+            if !takeable {
+                if let Some(k) = key {
+                    blocked.insert(k.to_string());
+                }
+                continue;
+            }
+            row.lease = Some((token, request.owner.clone(), expires_at));
+            messages.push(row.message.clone());
+        }
+        Claim {
+            lease: Lease {
+                owner: request.owner.clone(),
+                token,
+                expires_at,
+            },
+            messages,
+        }
+    }
+
     /// An empty store with default options.
     pub fn new() -> Self {
         Self::default()
@@ -199,6 +265,11 @@ impl MemoryStore {
         })
     }
 
+    /// How many non-empty claims were taken ahead ([`Store::claim_ahead`]).
+    pub fn claims_ahead(&self) -> u64 {
+        self.lock().ahead
+    }
+
     /// Messages under an unexpired lease.
     pub fn leased(&self) -> usize {
         let now = self.now();
@@ -253,51 +324,22 @@ impl Store for MemoryStore {
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Claim> {
-        let now = self.now();
-        let mut inner = self.lock();
-        let token = FencingToken(inner.next_token);
-        inner.next_token += 1;
-        let expires_at = now + request.lease;
-        let mut blocked: HashSet<String> = HashSet::new();
-        let mut messages = Vec::new();
-        for row in inner.rows.values_mut() {
-            if messages.len() >= request.limit {
-                break;
-            }
-            let key = row.message.key.as_deref();
-            let takeable = match row.status {
-                Status::Delivered => continue,
-                Status::Dead => {
-                    if self.options.hold_dead_letters {
-                        if let Some(k) = key {
-                            blocked.insert(k.to_string());
-                        }
-                    }
-                    continue;
-                }
-                Status::Pending => {
-                    let leased = row.lease.as_ref().is_some_and(|l| l.2 > now);
-                    let due = row.due.is_none_or(|t| t <= now);
-                    !leased && due && !key.is_some_and(|k| blocked.contains(k))
-                }
-            };
-            if !takeable {
-                if let Some(k) = key {
-                    blocked.insert(k.to_string());
-                }
-                continue;
-            }
-            row.lease = Some((token, request.owner.clone(), expires_at));
-            messages.push(row.message.clone());
+        Ok(self.take(request, None))
+    }
+
+    async fn claim_ahead(
+        &self,
+        request: &ClaimRequest,
+        outstanding: &Lease,
+    ) -> Result<Option<Claim>> {
+        if !self.options.claim_ahead {
+            return Ok(None);
         }
-        Ok(Claim {
-            lease: Lease {
-                owner: request.owner.clone(),
-                token,
-                expires_at,
-            },
-            messages,
-        })
+        let claim = self.take(request, Some(outstanding));
+        if !claim.messages.is_empty() {
+            self.lock().ahead += 1;
+        }
+        Ok(Some(claim))
     }
 
     async fn settle(&self, lease: &Lease, settlement: &Settlement) -> Result<SettleReport> {

@@ -93,6 +93,7 @@ pub async fn store_conformance<H: StoreHarness>(harness: &H) {
     case!(purge_and_retention);
     case!(stats_report_the_backlog);
     case!(concurrent_claimers_keep_key_order);
+    case!(claim_ahead_when_supported);
 }
 
 async fn claims_in_order_up_to_the_limit<H: StoreHarness>(h: &H) {
@@ -580,4 +581,50 @@ async fn concurrent_claimers_keep_key_order<H: StoreHarness>(h: &H) {
             );
         }
     }
+}
+
+/// A store that claims ahead hands out the next messages while the first
+/// claim is outstanding, never one of the first claim's, and both settle.
+async fn claim_ahead_when_supported<H: StoreHarness>(h: &H) {
+    let s = h.store(StoreOptions::default().claim_ahead(true)).await;
+    let ms: Vec<Message> = ["a", "b", "a", "c", "a", "b"]
+        .iter()
+        .map(|k| msg("conf.ahead", Some(k)))
+        .collect();
+    let ids: Vec<MessageId> = ms.iter().map(|m| m.id).collect();
+    h.enqueue(&s, ms).await.expect("enqueue");
+    let first = s.claim(&req("p", 3)).await.expect("claim");
+    let first_ids: Vec<MessageId> = first.messages.iter().map(|m| m.id).collect();
+    assert_eq!(first_ids, ids[..3].to_vec());
+    let Some(ahead) = s
+        .claim_ahead(&req("p", 10), &first.lease)
+        .await
+        .expect("claim ahead")
+    else {
+        // Not supported: the relay claims one batch at a time.
+        println!("store conformance: this store does not claim ahead");
+        return;
+    };
+    let ahead_ids: Vec<MessageId> = ahead.messages.iter().map(|m| m.id).collect();
+    assert_eq!(
+        ahead_ids,
+        ids[3..].to_vec(),
+        "a claim ahead takes the next messages in order, none of the outstanding claim"
+    );
+    assert!(ahead.lease.token > first.lease.token);
+    let r = s
+        .settle(&first.lease, &delivered(&first_ids))
+        .await
+        .expect("settle the first claim");
+    assert_eq!(
+        r.delivered, 3,
+        "a claim ahead does not fence out the claim before it"
+    );
+    let r = s
+        .settle(&ahead.lease, &delivered(&ahead_ids))
+        .await
+        .expect("settle the claim ahead");
+    assert_eq!(r.delivered, 3);
+    let (_, none) = claim_ids(&s, "p", 10).await;
+    assert!(none.is_empty());
 }
