@@ -14,6 +14,11 @@
 //!   cancellation in any state ──▶ Stopping (in-flight publish finishes or its rows are released)
 //! ```
 //!
+//! Claiming ahead: when the store supports [`Store::claim_ahead`] and a claim
+//! is a full batch, the relay publishes it while the store settles the claim
+//! before it and claims the next one (all three at once); a claim taken
+//! ahead releases messages of keys that failed in the two claims before it.
+//!
 //! Per-key order: a claim is published in waves, the first message of each
 //! key in the first wave, the second in the second, and so on (messages
 //! without a key all go in the first wave). When a message fails, later
@@ -66,11 +71,12 @@ pub struct RelayConfig {
     /// How often an idle relay refreshes the backlog gauges (default 15 s).
     pub stats_interval: Duration,
     /// Claim-publish-settle loops run side by side (default 1). Each lane
-    /// claims as its own owner (`<id>/<n>`), so while one lane publishes
-    /// another claims or settles; the store keeps per-key order between
-    /// lanes as between relays. It pays off when round trips, not CPU, bound
-    /// the relay (a remote database or broker); on the 2-core benchmark
-    /// machine 2 lanes measured the same as 1.
+    /// claims as its own owner (`<id>/<n>`); the store keeps per-key order
+    /// between lanes as between relays. A store that claims ahead already
+    /// overlaps the database and the broker within one lane; more lanes pay
+    /// off only when round trips, not CPU, bound the relay (a remote
+    /// database or broker), and only once the store has shared its
+    /// partitions between them (PostgreSQL: within a second).
     pub lanes: usize,
 }
 
