@@ -770,9 +770,10 @@ impl Relay {
     /// settlement. With a cancellation token, no new wave starts after it
     /// fires and an in-flight call gets the shutdown timeout to finish.
     ///
-    /// `carry` holds keys that failed (or were held back) in the claim before
-    /// this one when this one was claimed ahead: their messages are released.
-    /// Returns the settlement and the keys this claim failed or held back.
+    /// `carry` holds keys that failed (or were held back) in the claims
+    /// before this one when this one was claimed ahead: their messages are
+    /// released. Returns the settlement and the keys this claim failed or
+    /// held back.
     async fn publish(
         &self,
         messages: &[Message],
