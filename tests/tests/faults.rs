@@ -114,8 +114,10 @@ async fn kill_9_the_relay_process_repeatedly() {
     );
     assert_eq!((v.lost, v.phantoms, v.order_violations), (0, 0, 0), "{v:?}");
     assert!(
-        v.duplicates <= kills * batch,
-        "duplicates only around kills, at most the in-flight batch each: {v:?}"
+        // A relay that claims ahead has up to two published claims not yet
+        // settled: the one being settled and the one being published.
+        v.duplicates <= kills * 2 * batch,
+        "duplicates only around kills, at most two batches each: {v:?}"
     );
 }
 
@@ -166,8 +168,8 @@ async fn three_relay_processes_one_killed() {
     v.print("three relays, one killed", total, "kills 1");
     assert_eq!((v.lost, v.phantoms, v.order_violations), (0, 0, 0), "{v:?}");
     assert!(
-        v.duplicates <= batch,
-        "duplicates only from the killed relay's batch: {v:?}"
+        v.duplicates <= 2 * batch,
+        "duplicates only from the killed relay's last two batches: {v:?}"
     );
 }
 
