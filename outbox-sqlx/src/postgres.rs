@@ -404,6 +404,9 @@ impl Sql {
         Sql {
             claim,
             claim_ahead,
+            // `cardinality(..) > 0` lets the planner drop the parts of a
+            // settle that have nothing to do (usually all but `d`): it had
+            // planned them as whole-table scans on a table it thought small.
             settle: format!(
                 "WITH d AS ({delivered}), \
                  db AS (DELETE FROM {t}_blocked b USING d WHERE b.msg_key = d.msg_key AND b.seq = d.seq), \
@@ -411,19 +414,20 @@ impl Sql {
                    UPDATE {t} t SET attempts = t.attempts + 1, last_error = x.err, \
                      not_before = now() + make_interval(secs => x.delay) \
                    FROM unnest($3::uuid[], $4::text[], $5::float8[]) AS x(id, err, delay) \
-                   WHERE t.id = x.id AND t.{ours} AND t.{pending_t} \
+                   WHERE cardinality($3::uuid[]) > 0 AND t.id = x.id AND t.{ours} AND t.{pending_t} \
                    RETURNING t.msg_key, t.seq), \
                  rb AS (INSERT INTO {t}_blocked (msg_key, seq) SELECT msg_key, seq FROM r \
                    WHERE msg_key IS NOT NULL ON CONFLICT DO NOTHING), \
                  x AS ( \
                    UPDATE {t} t SET attempts = t.attempts + 1, last_error = x.err, dead_at = now() \
                    FROM unnest($6::uuid[], $7::text[]) AS x(id, err) \
-                   WHERE t.id = x.id AND t.{ours} AND t.{pending_t} \
+                   WHERE cardinality($6::uuid[]) > 0 AND t.id = x.id AND t.{ours} AND t.{pending_t} \
                    RETURNING t.msg_key, t.seq), \
                  xb AS ({dead_blocks}) \
                  SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM r), \
                         (SELECT count(*) FROM x), \
-                        (SELECT count(*) FROM {t} WHERE id = ANY($8) AND {ours} AND {pending})",
+                        (SELECT count(*) FROM {t} \
+                         WHERE cardinality($8::uuid[]) > 0 AND id = ANY($8) AND {ours} AND {pending})",
                 pending_t = "delivered_at IS NULL AND t.dead_at IS NULL",
             ),
             heartbeat: format!(
