@@ -205,16 +205,28 @@ async fn backoff_grows_is_capped_and_survives_a_restart() {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn per_key_order_holds_under_random_transient_failures() {
-    let mut rng = fastrand::Rng::with_seed(0x07b0c5);
-    let cases = 2_000;
+/// Seeded cases: random keys and messages, two relays taking turns with small
+/// random batches against a transport that fails at random. Every message
+/// is published exactly once and each key in order. With `ahead`, the store
+/// claims ahead and each turn drains (pipelined) instead of relaying one
+/// batch. Returns how many claims were taken ahead.
+async fn random_cases(seed: u64, cases: usize, ahead: bool) -> u64 {
+    let (max_keys, max_n, max_fail, max_batch) = if ahead {
+        (6, 60, 0.5, 8)
+    } else {
+        (5, 40, 0.6, 12)
+    };
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut claims_ahead = 0;
     for case in 0..cases {
         let seed = rng.u64(..);
         let mut r = fastrand::Rng::with_seed(seed);
-        let store = Arc::new(MemoryStore::new());
-        let keys = r.usize(1..5);
-        let n = r.usize(1..40);
+        let options = StoreOptions::default()
+            .claim_ahead(ahead)
+            .hold_dead_letters(ahead && r.bool());
+        let store = Arc::new(MemoryStore::with_options(options));
+        let keys = r.usize(1..max_keys);
+        let n = r.usize(1..max_n);
         let ms: Vec<Message> = (0..n)
             .map(|_| {
                 let k = r.usize(0..=keys);
@@ -227,12 +239,11 @@ async fn per_key_order_holds_under_random_transient_failures() {
             .map(|(i, m)| (m.id, (m.key.clone(), i)))
             .collect();
         store.enqueue(ms).unwrap();
-        let transport = ScriptedTransport::new().fail_randomly(r.f64() * 0.6, seed);
-        // Two relays take turns, with small random batches.
+        let transport = ScriptedTransport::new().fail_randomly(r.f64() * max_fail, seed);
         let relays: Vec<Relay> = (0..2)
             .map(|_| {
                 Relay::builder(store.clone(), Arc::new(transport.clone()))
-                    .batch_size(r.usize(1..12))
+                    .batch_size(r.usize(1..max_batch))
                     .max_attempts(1_000)
                     .retry(no_jitter(10, 40))
                     .build()
@@ -241,18 +252,25 @@ async fn per_key_order_holds_under_random_transient_failures() {
             .collect();
         let mut turns = 0;
         while store.pending() > 0 {
-            relays[turns % 2].relay_once().await.unwrap();
+            let relay = &relays[turns % 2];
+            if ahead {
+                relay.drain().await.unwrap();
+            } else {
+                relay.relay_once().await.unwrap();
+            }
             turns += 1;
-            if turns % 3 == 0 {
+            if ahead || turns % 3 == 0 {
                 tokio::time::advance(Duration::from_millis(r.u64(1..50))).await;
             }
             assert!(turns < 100_000, "case {case} (seed {seed}) did not drain");
         }
+        assert_eq!(store.leased(), 0, "case {case}: nothing stays leased");
+        claims_ahead += store.claims_ahead();
         let published = transport.recorder().messages();
         assert_eq!(
             published.len(),
             n,
-            "case {case}: each message published once"
+            "case {case} (seed {seed}): each message published once"
         );
         let mut last: HashMap<String, usize> = HashMap::new();
         for m in &published {
@@ -267,7 +285,13 @@ async fn per_key_order_holds_under_random_transient_failures() {
             }
         }
     }
-    println!("per-key order held in {cases} seeded cases");
+    claims_ahead
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_key_order_holds_under_random_transient_failures() {
+    random_cases(0x07b0c5, 2_000, false).await;
+    println!("per-key order held in 2000 seeded cases");
 }
 
 #[tokio::test(start_paused = true)]
@@ -711,73 +735,9 @@ async fn lanes_keep_per_key_order_under_failures() {
 
 #[tokio::test(start_paused = true)]
 async fn claiming_ahead_keeps_per_key_order_under_random_failures() {
-    let mut rng = fastrand::Rng::with_seed(0xa4ead);
-    let cases = 1_500;
-    let mut ahead = 0;
-    for case in 0..cases {
-        let seed = rng.u64(..);
-        let mut r = fastrand::Rng::with_seed(seed);
-        let store = Arc::new(MemoryStore::with_options(
-            StoreOptions::default()
-                .claim_ahead(true)
-                .hold_dead_letters(r.bool()),
-        ));
-        let keys = r.usize(1..6);
-        let n = r.usize(1..60);
-        let ms: Vec<Message> = (0..n)
-            .map(|_| {
-                let k = r.usize(0..=keys);
-                msg((k < keys).then(|| format!("k{k}")).as_deref())
-            })
-            .collect();
-        let order: HashMap<MessageId, (Option<String>, usize)> = ms
-            .iter()
-            .enumerate()
-            .map(|(i, m)| (m.id, (m.key.clone(), i)))
-            .collect();
-        store.enqueue(ms).unwrap();
-        let transport = ScriptedTransport::new().fail_randomly(r.f64() * 0.5, seed);
-        // Two pipelined relays take turns draining, with small batches.
-        let relays: Vec<Relay> = (0..2)
-            .map(|_| {
-                Relay::builder(store.clone(), Arc::new(transport.clone()))
-                    .batch_size(r.usize(1..8))
-                    .max_attempts(1_000)
-                    .retry(no_jitter(10, 40))
-                    .build()
-                    .unwrap()
-            })
-            .collect();
-        let mut turns = 0;
-        while store.pending() > 0 {
-            relays[turns % 2].drain().await.unwrap();
-            turns += 1;
-            tokio::time::advance(Duration::from_millis(r.u64(1..50))).await;
-            assert!(turns < 100_000, "case {case} (seed {seed}) did not drain");
-        }
-        assert_eq!(store.leased(), 0, "case {case}: nothing stays leased");
-        ahead += store.claims_ahead();
-        let published = transport.recorder().messages();
-        assert_eq!(
-            published.len(),
-            n,
-            "case {case} (seed {seed}): each message published once"
-        );
-        let mut last: HashMap<String, usize> = HashMap::new();
-        for m in &published {
-            let (key, pos) = &order[&m.id];
-            if let Some(k) = key {
-                if let Some(prev) = last.insert(k.clone(), *pos) {
-                    assert!(
-                        prev < *pos,
-                        "case {case} (seed {seed}): key {k} published {pos} after {prev}"
-                    );
-                }
-            }
-        }
-    }
+    let ahead = random_cases(0xa4ead, 1_500, true).await;
     assert!(ahead > 1_000, "the relays claimed ahead ({ahead} claims)");
-    println!("per-key order held in {cases} seeded cases, {ahead} claims taken ahead");
+    println!("per-key order held in 1500 seeded cases, {ahead} claims taken ahead");
 }
 
 #[tokio::test(start_paused = true)]
