@@ -8,8 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use outbox_core::testing::{MemoryStore, RecordingTransport, ScriptedTransport, StoreOptions};
 use outbox_core::{
-    CancellationToken, DeadLetters, Message, MessageId, PublishResult, Relay, RetryPolicy,
-    Selector, Store, Transport,
+    CancellationToken, DeadLetters, Message, MessageId, PublishResult, Relay, RelayReport,
+    RetryPolicy, Selector, Store, Transport,
 };
 use tokio::time::Instant;
 
@@ -689,9 +689,10 @@ async fn an_idle_relay_wakes_for_the_retry_it_scheduled() {
     running.stop().await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn lanes_keep_per_key_order_under_failures() {
-    let store = Arc::new(MemoryStore::new());
+/// Runs `lanes` relay lanes over 600 messages on 12 keys with 20 % random
+/// failures until all are published, checks order per key and that nothing
+/// stays leased, and returns the report.
+async fn run_under_failures(store: Arc<MemoryStore>, lanes: usize, seed: u64) -> RelayReport {
     let ms: Vec<Message> = (0..600)
         .map(|i| msg(Some(&format!("k{}", i % 12))))
         .collect();
@@ -702,10 +703,10 @@ async fn lanes_keep_per_key_order_under_failures() {
         .collect();
     store.enqueue(ms).unwrap();
     let transport = ScriptedTransport::new()
-        .fail_randomly(0.2, 5)
+        .fail_randomly(0.2, seed)
         .slow(Duration::from_millis(3));
     let relay = Relay::builder(store.clone(), Arc::new(transport.clone()))
-        .lanes(3)
+        .lanes(lanes)
         .batch_size(25)
         .max_attempts(1_000)
         .retry(no_jitter(10, 50))
@@ -722,7 +723,6 @@ async fn lanes_keep_per_key_order_under_failures() {
     );
     let report = running.stop().await;
     assert_eq!(report.published, 600);
-    assert!(report.batches > 24, "the lanes shared the work: {report:?}");
     let mut last: HashMap<String, usize> = HashMap::new();
     for m in transport.recorder().messages() {
         let (k, pos) = &order[&m.id];
@@ -731,6 +731,13 @@ async fn lanes_keep_per_key_order_under_failures() {
         }
     }
     assert_eq!(store.leased(), 0);
+    report
+}
+
+#[tokio::test(start_paused = true)]
+async fn lanes_keep_per_key_order_under_failures() {
+    let report = run_under_failures(Arc::new(MemoryStore::new()), 3, 5).await;
+    assert!(report.batches > 24, "the lanes shared the work: {report:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -745,54 +752,18 @@ async fn a_running_relay_claims_ahead_and_stops_with_nothing_leased() {
     let store = Arc::new(MemoryStore::with_options(
         StoreOptions::default().claim_ahead(true),
     ));
-    let ms: Vec<Message> = (0..600)
-        .map(|i| msg(Some(&format!("k{}", i % 12))))
-        .collect();
-    let order: HashMap<MessageId, (String, usize)> = ms
-        .iter()
-        .enumerate()
-        .map(|(i, m)| (m.id, (m.key.clone().unwrap(), i)))
-        .collect();
-    store.enqueue(ms).unwrap();
-    let transport = ScriptedTransport::new()
-        .fail_randomly(0.2, 9)
-        .slow(Duration::from_millis(3));
-    let relay = Relay::builder(store.clone(), Arc::new(transport.clone()))
-        .batch_size(25)
-        .max_attempts(1_000)
-        .retry(no_jitter(10, 50))
-        .poll_interval(Duration::from_millis(20))
-        .build()
-        .unwrap();
-    let running = relay.spawn();
-    assert_eq!(
-        transport
-            .recorder()
-            .wait_for(600, Duration::from_secs(600))
-            .await,
-        600
-    );
-    let report = running.stop().await;
-    assert_eq!(report.published, 600);
+    run_under_failures(store.clone(), 1, 9).await;
     assert!(
         store.claims_ahead() > 5,
         "{} claims ahead",
         store.claims_ahead()
     );
-    let mut last: HashMap<String, usize> = HashMap::new();
-    for m in transport.recorder().messages() {
-        let (k, pos) = &order[&m.id];
-        if let Some(prev) = last.insert(k.clone(), *pos) {
-            assert!(prev < *pos, "key {k}: {pos} after {prev}");
-        }
-    }
-    assert_eq!(store.leased(), 0);
-
     // Stopped in the middle of a pipelined backlog, it hands back every row.
     store
         .enqueue((0..400).map(|i| msg(Some(&format!("k{}", i % 7)))))
         .unwrap();
-    let relay = Relay::builder(store.clone(), Arc::new(transport.clone()))
+    let transport = ScriptedTransport::new().slow(Duration::from_millis(3));
+    let relay = Relay::builder(store.clone(), Arc::new(transport))
         .batch_size(25)
         .build()
         .unwrap();

@@ -257,6 +257,7 @@ impl Inner {
     /// Records a claim's ids; a claim that is not ahead replaces the
     /// owner's earlier ones (those were settled or have failed).
     fn hold(&self, owner: &str, token: u64, ids: HashSet<MessageId>, ahead: bool) {
+        let ids = Arc::new(ids);
         let mut held = self.held();
         let claims = held.entry(owner.to_string()).or_default();
         if !ahead {
@@ -265,8 +266,8 @@ impl Inner {
         claims.push((token, ids));
     }
 
-    /// The ids a claim of `owner` handed out.
-    fn ids(&self, owner: &str, token: u64) -> HashSet<MessageId> {
+    /// The ids a claim of `owner` handed out (shared, not copied).
+    fn ids(&self, owner: &str, token: u64) -> Arc<HashSet<MessageId>> {
         self.held()
             .get(owner)
             .and_then(|c| c.iter().find(|(t, _)| *t == token))
@@ -295,7 +296,7 @@ impl Inner {
 
 /// An owner's outstanding claims (two while it claims ahead): token and
 /// the ids each handed out.
-type HeldClaims = Vec<(u64, HashSet<MessageId>)>;
+type HeldClaims = Vec<(u64, Arc<HashSet<MessageId>>)>;
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -375,39 +376,30 @@ impl Sql {
                  claim_token = (SELECT v FROM tok) \
                WHERE owner = $1 RETURNING partition)"
         );
-        let columns = "t.id, t.topic, t.msg_key, t.payload, t.headers, t.created_at, \
-                       t.attempts, t.not_before, t.seq";
-        let candidates = |alias: &str, limit: &str| {
+        // `{filter}`: a claim ahead leaves out the owner's outstanding rows
+        // ($4). With a custom plan the array is a constant, so the check is
+        // a hash lookup and the scan keeps to the index in seq order.
+        let claim = |filter: &str| {
             format!(
-                "FROM {t} {alias} \
-                 WHERE {alias}.delivered_at IS NULL AND {alias}.dead_at IS NULL \
-                   AND {alias}.partition = ANY(ARRAY(SELECT partition FROM mine)) \
-                   AND ({alias}.not_before IS NULL OR {alias}.not_before <= now()) \
-                   AND (NOT EXISTS (SELECT 1 FROM {t}_blocked) \
-                        OR NOT EXISTS (SELECT 1 FROM {t}_blocked b \
-                                       WHERE b.msg_key = {alias}.msg_key AND b.seq < {alias}.seq)) \
-                 ORDER BY {alias}.seq LIMIT {limit}"
+                "{mine}, c AS ( \
+                   SELECT t.id, t.topic, t.msg_key, t.payload, t.headers, t.created_at, \
+                     t.attempts, t.not_before, t.seq \
+                   FROM {t} t \
+                   WHERE t.delivered_at IS NULL AND t.dead_at IS NULL \
+                     AND t.partition = ANY(ARRAY(SELECT partition FROM mine)) \
+                     AND (t.not_before IS NULL OR t.not_before <= now()) \
+                     AND (NOT EXISTS (SELECT 1 FROM {t}_blocked) \
+                          OR NOT EXISTS (SELECT 1 FROM {t}_blocked b \
+                                         WHERE b.msg_key = t.msg_key AND b.seq < t.seq)) \
+                     {filter} \
+                   ORDER BY t.seq LIMIT $2 FOR UPDATE OF t SKIP LOCKED) \
+                 SELECT tok.v AS token, tok.now AS now, c.* FROM tok LEFT JOIN c ON true \
+                 ORDER BY c.seq"
             )
         };
-        let tail = "SELECT tok.v AS token, tok.now AS now, c.* FROM tok LEFT JOIN c ON true \
-                    ORDER BY c.seq";
-        let claim = format!(
-            "{mine}, c AS (SELECT {columns} {} FOR UPDATE OF t SKIP LOCKED) {tail}",
-            candidates("t", "$2")
-        );
-        // A claim ahead leaves out the owner's outstanding rows ($4). With a
-        // custom plan the array is a constant, so the check is a hash
-        // lookup and the scan keeps to the index in seq order.
-        let claim_ahead = format!(
-            "{mine}, c AS (SELECT {columns} {} FOR UPDATE OF t SKIP LOCKED) {tail}",
-            candidates("t", "$2").replace(
-                " ORDER BY t.seq",
-                " AND NOT (t.id = ANY($4::uuid[])) ORDER BY t.seq"
-            )
-        );
         Sql {
-            claim,
-            claim_ahead,
+            claim: claim(""),
+            claim_ahead: claim("AND NOT (t.id = ANY($4::uuid[]))"),
             // `cardinality(..) > 0` lets the planner drop the parts of a
             // settle that have nothing to do (usually all but `d`): it had
             // planned them as whole-table scans on a table it thought small.

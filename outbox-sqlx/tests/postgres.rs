@@ -242,15 +242,36 @@ async fn notify_wakes_the_relay_and_the_listener_reconnects() {
     assert_eq!(rec.wait_for(1, Duration::from_secs(10)).await, 1);
     println!("woken by NOTIFY after {:?}", started.elapsed());
     // Kill the listener's connection: it reconnects by itself.
-    let killed: i64 = sqlx::query_scalar(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-         WHERE query ILIKE 'LISTEN%' AND datname = current_database() AND pid <> pg_backend_pid()",
+    let killed: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity \
+         WHERE query ILIKE 'LISTEN%' AND datname = current_database() AND pid <> pg_backend_pid() \
+           AND pg_terminate_backend(pid)",
     )
-    .fetch_one(&pool)
+    .fetch_all(&pool)
     .await
     .unwrap();
-    assert!(killed >= 1, "a listener connection existed");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!killed.is_empty(), "a listener connection existed");
+    // Wait for a new listener before the next NOTIFY.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let listening: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE query ILIKE 'LISTEN%' AND datname = current_database() \
+               AND pid <> pg_backend_pid() AND pid <> ALL($1)",
+        )
+        .bind(&killed)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if listening >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the listener did not reconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     send(2).await;
     assert_eq!(
         rec.wait_for(2, Duration::from_secs(10)).await,

@@ -169,10 +169,11 @@ pub async fn run(config: Config, check: bool) -> Result<(), StartError> {
     let upkeep = {
         let cancel = cancel.child_token();
         tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => metrics.run_upkeep(),
+                    _ = every.tick() => metrics.run_upkeep(),
                 }
             }
         })

@@ -252,6 +252,19 @@ pub async fn wait_for_all(
     }
 }
 
+/// Waits until `done` holds, checking every 20 ms; panics naming `what`
+/// after `timeout`.
+pub async fn wait_until(what: &str, timeout: Duration, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Prints a summary line and appends it to `OUTBOX_SUMMARY_FILE` if set.
 pub fn summary(line: &str) {
     println!("{line}");

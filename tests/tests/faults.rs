@@ -19,7 +19,9 @@ use outbox_tests::faults::{
     amqp_drain, jetstream_ids, produce_batches, redis_stream_ids, size, start, stop, Load,
     RelayProcess, Running,
 };
-use outbox_tests::{consumers, produce, unique, wait_for_all, Db, Verdict, PG_ADDR};
+use outbox_tests::{
+    consumers, produce, unique, wait_for_all, wait_until, Db, Produced, Verdict, PG_ADDR,
+};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -157,7 +159,11 @@ async fn three_relay_processes_one_killed() {
             .await
         })
     };
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Kill it mid-run, once the relays have delivered a tenth.
+    wait_until("a tenth delivered", Duration::from_secs(60), || {
+        log.ids().len() >= total / 10
+    })
+    .await;
     victim.kill();
     let produced = producer.await.unwrap();
     let got = wait_for_all(&produced, Duration::from_secs(120), || log.ids()).await;
@@ -181,7 +187,7 @@ async fn outage<F, R>(
     db: &Db,
     transport: Arc<dyn Transport>,
     fault: F,
-    read: R,
+    read: impl FnOnce(Produced) -> R,
 ) where
     F: std::future::Future<Output = ()>,
     R: std::future::Future<Output = Vec<MessageId>>,
@@ -216,7 +222,7 @@ async fn outage<F, R>(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let report = running.stop().await;
-    let got = read.await;
+    let got = read(produced.clone()).await;
     let v = Verdict::check(&produced, &got);
     v.print(
         &format!("{name} outage"),
@@ -251,14 +257,9 @@ async fn nats_restart_mid_run() {
         tokio::time::sleep(Duration::from_secs(3)).await;
         start("nats");
     };
-    outage(
-        "nats",
-        &topic,
-        &db,
-        nats,
-        fault,
-        jetstream_ids(NATS, &stream),
-    )
+    outage("nats", &topic, &db, nats, fault, |_| {
+        jetstream_ids(NATS, &stream)
+    })
     .await;
 }
 
@@ -286,14 +287,9 @@ async fn rabbitmq_restart_mid_run() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         start("rabbitmq");
     };
-    outage(
-        "rabbitmq",
-        &topic,
-        &db,
-        amqp,
-        fault,
-        amqp_drain(AMQP, &queue),
-    )
+    outage("rabbitmq", &topic, &db, amqp, fault, |_| {
+        amqp_drain(AMQP, &queue)
+    })
     .await;
 }
 
@@ -353,14 +349,9 @@ async fn redis_restart_mid_run() {
         let _ = std::fs::remove_file(dump);
         let _ = std::fs::remove_file(copy);
     };
-    outage(
-        "redis",
-        &topic,
-        &db,
-        redis,
-        fault,
-        redis_stream_ids(REDIS, &topic),
-    )
+    outage("redis", &topic, &db, redis, fault, |_| {
+        redis_stream_ids(REDIS, &topic)
+    })
     .await;
 }
 
@@ -389,9 +380,9 @@ async fn kafka_broker_down_and_up_mid_run() {
             cluster.broker_up(b).unwrap();
         }
     };
-    let read = async {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        log.ids()
+    // The consumer trails the relay: wait until it has every committed message.
+    let read = |produced: Produced| async move {
+        wait_for_all(&produced, Duration::from_secs(60), || log.ids()).await
     };
     outage("kafka", &topic, &db, kafka, fault, read).await;
 }
