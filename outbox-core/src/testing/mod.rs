@@ -5,11 +5,13 @@
 //! [`store_conformance`]) from its own tests with a fresh namespace per test.
 
 mod memory;
+pub mod restart;
 pub mod store_conformance;
 pub mod transport_conformance;
 mod transports;
 
 pub use memory::{MemoryStore, RowInfo, StoreOptions};
+pub use restart::{restart_drill, DrillReport, RestartDrill};
 pub use store_conformance::{store_conformance, StoreHarness};
 pub use transport_conformance::{transport_conformance, Probe, Received, TransportCase};
 pub use transports::{RecordingTransport, ScriptedTransport};
