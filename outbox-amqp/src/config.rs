@@ -106,10 +106,10 @@ pub struct AmqpConfig {
     pub max_in_flight: usize,
     /// How long a publish waits for its confirm before failing as a transient
     /// timeout (default 10 s).
-    #[serde(with = "millis", rename = "confirm_timeout_ms")]
+    #[serde(with = "outbox_core::settings::millis", rename = "confirm_timeout_ms")]
     pub confirm_timeout: Duration,
     /// How long connecting may take (default 5 s).
-    #[serde(with = "millis", rename = "connect_timeout_ms")]
+    #[serde(with = "outbox_core::settings::millis", rename = "connect_timeout_ms")]
     pub connect_timeout: Duration,
     /// Whether a message no queue is bound for (returned by the broker) is
     /// retried later instead of dead-lettered (default false: permanent).
@@ -409,34 +409,17 @@ where
 }
 
 fn parse_bool(suffix: &str, value: &str) -> Result<bool, Error> {
-    match value.trim().to_ascii_lowercase().as_str() {
-        "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" => Ok(false),
-        _ => Err(config_error(format!(
+    outbox_core::settings::parse_bool(value).ok_or_else(|| {
+        config_error(format!(
             "{ENV_PREFIX}{suffix}={value:?}: expected true or false"
-        ))),
-    }
+        ))
+    })
 }
 
 /// Replaces the password in an AMQP URL with `***`
 /// (`amqp://user:***@host:5672/%2f`).
 pub fn redact_url(url: &str) -> String {
     outbox_core::redact::url(url)
-}
-
-/// Durations as whole milliseconds in serde.
-mod millis {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        u64::deserialize(d).map(Duration::from_millis)
-    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod relay;
 pub mod retention;
 pub mod retry;
 pub mod router;
+pub mod settings;
 pub mod signal;
 pub mod store;
 pub mod transport;

@@ -57,11 +57,11 @@ pub struct KafkaConfig {
     /// `client.id`, if set.
     pub client_id: Option<String>,
     /// `linger.ms`: how long the producer waits to fill a batch.
-    #[serde(rename = "linger_ms", with = "duration_ms")]
+    #[serde(rename = "linger_ms", with = "outbox_core::settings::millis")]
     pub linger: Duration,
     /// `message.timeout.ms`: how long librdkafka keeps trying to deliver a
     /// message (retrying internally) before it reports a transient failure.
-    #[serde(rename = "delivery_timeout_ms", with = "duration_ms")]
+    #[serde(rename = "delivery_timeout_ms", with = "outbox_core::settings::millis")]
     pub delivery_timeout: Duration,
     /// Prepended to the outbox topic to form the Kafka topic name.
     pub prefix: String,
@@ -320,11 +320,11 @@ pub(crate) fn validate_topic_name(name: &str) -> Result<(), String> {
 }
 
 fn parse_bool(name: &str, value: &str) -> outbox_core::Result<bool> {
-    match value.trim().to_ascii_lowercase().as_str() {
-        "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" | "" => Ok(false),
-        _ => Err(KafkaError::Config(format!("{name}={value:?} is not a boolean")).into()),
+    if value.trim().is_empty() {
+        return Ok(false);
     }
+    outbox_core::settings::parse_bool(value)
+        .ok_or_else(|| KafkaError::Config(format!("{name}={value:?} is not a boolean")).into())
 }
 
 /// Parses `a=b,c=d` (spaces around items are ignored).
@@ -396,21 +396,6 @@ impl KafkaConfigBuilder {
     pub fn build(self) -> outbox_core::Result<KafkaConfig> {
         self.config.validate()?;
         Ok(self.config)
-    }
-}
-
-/// Serialises a [`Duration`] as whole milliseconds.
-mod duration_ms {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        u64::deserialize(d).map(Duration::from_millis)
     }
 }
 

@@ -64,7 +64,7 @@ pub struct StreamSpec {
     pub subjects: Vec<String>,
     /// Window within which the server drops a message whose `Nats-Msg-Id`
     /// it has already stored (default 2 minutes, the server's default).
-    #[serde(with = "millis", rename = "duplicate_window_ms")]
+    #[serde(with = "outbox_core::settings::millis", rename = "duplicate_window_ms")]
     pub duplicate_window: Duration,
 }
 
@@ -134,10 +134,10 @@ pub struct NatsConfig {
     /// How long a publish waits for its PubAck (JetStream) or a batch for the
     /// server round trip (core) before failing as a transient timeout
     /// (default 10 s).
-    #[serde(with = "millis", rename = "ack_timeout_ms")]
+    #[serde(with = "outbox_core::settings::millis", rename = "ack_timeout_ms")]
     pub ack_timeout: Duration,
     /// How long connecting may take (default 5 s).
-    #[serde(with = "millis", rename = "connect_timeout_ms")]
+    #[serde(with = "outbox_core::settings::millis", rename = "connect_timeout_ms")]
     pub connect_timeout: Duration,
     /// Prepended to every topic to form the subject (`"app."` turns
     /// `orders.placed` into `app.orders.placed`). Default none.
@@ -498,20 +498,6 @@ pub(crate) fn validate_subject(subject: &str, wildcards: bool) -> Result<(), Str
 /// hidden whole.
 pub fn redact_url(url: &str) -> String {
     outbox_core::redact::url(url)
-}
-/// Durations as whole milliseconds in serde.
-mod millis {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        u64::deserialize(d).map(Duration::from_millis)
-    }
 }
 
 #[cfg(test)]

@@ -94,10 +94,10 @@ pub struct RedisConfig {
     #[serde(rename = "dedup_window_ms", with = "option_duration_ms")]
     pub dedup_window: Option<Duration>,
     /// How long a batch waits for Redis's replies.
-    #[serde(rename = "response_timeout_ms", with = "duration_ms")]
+    #[serde(rename = "response_timeout_ms", with = "outbox_core::settings::millis")]
     pub response_timeout: Duration,
     /// How long one connection attempt may take.
-    #[serde(rename = "connect_timeout_ms", with = "duration_ms")]
+    #[serde(rename = "connect_timeout_ms", with = "outbox_core::settings::millis")]
     pub connect_timeout: Duration,
 }
 
@@ -344,21 +344,6 @@ impl RedisConfigBuilder {
     pub fn build(self) -> outbox_core::Result<RedisConfig> {
         self.config.validate()?;
         Ok(self.config)
-    }
-}
-
-/// Serialises a [`Duration`] as whole milliseconds.
-mod duration_ms {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        u64::deserialize(d).map(Duration::from_millis)
     }
 }
 
