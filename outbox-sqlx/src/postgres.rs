@@ -31,7 +31,7 @@ use outbox_core::{
     Claim, ClaimRequest, DeadLetter, DeadLetters, Error, FencingToken, Lease, Message, MessageId,
     Purge, RelayId, Result, Selector, SettleReport, Settlement, Stats, Store,
 };
-use sqlx::postgres::{PgListener, PgPool, PgRow};
+use sqlx::postgres::{PgArguments, PgListener, PgPool, PgRow};
 use sqlx::types::chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use sqlx::{PgConnection, Row};
@@ -147,27 +147,20 @@ impl Enqueue for PgConnection {
                 "INSERT INTO {t} (id, topic, msg_key, payload, headers, created_at, not_before) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7)"
             );
-            let sql = if blocks {
-                format!(
-                    "WITH ins AS ({insert} RETURNING msg_key, seq) \
-                     INSERT INTO {t}_blocked (msg_key, seq) SELECT msg_key, seq FROM ins \
-                     ON CONFLICT DO NOTHING"
-                )
-            } else {
-                insert
-            };
-            sqlx::query(&sql)
+            let sql = statement(&t, insert, blocks.then_some(""), outbox.notify);
+            let query = sqlx::query(&sql)
                 .bind(m.id.as_uuid())
                 .bind(m.topic.as_str())
                 .bind(m.key.as_deref())
                 .bind(m.payload.as_ref())
                 .bind(Json(&m.headers))
                 .bind(DateTime::<Utc>::from(m.created_at))
-                .bind(m.not_before.map(DateTime::<Utc>::from))
+                .bind(m.not_before.map(DateTime::<Utc>::from));
+            wake(query, outbox)
                 .execute(&mut *self)
                 .await
                 .map_err(err("enqueue"))?;
-            return send_notify(self, outbox).await;
+            return Ok(());
         }
         let n = messages.len();
         let mut ids = Vec::with_capacity(n);
@@ -193,42 +186,63 @@ impl Enqueue for PgConnection {
              SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::jsonb[], \
              $6::timestamptz[], $7::timestamptz[])"
         );
-        // A delayed keyed message holds back later messages of its key.
-        let sql = if blocks {
-            format!(
-                "WITH ins AS ({insert} RETURNING msg_key, seq, not_before) \
-                 INSERT INTO {t}_blocked (msg_key, seq) SELECT msg_key, seq FROM ins \
-                 WHERE msg_key IS NOT NULL AND not_before IS NOT NULL ON CONFLICT DO NOTHING"
-            )
-        } else {
-            insert
-        };
-        sqlx::query(&sql)
+        let only_delayed = "WHERE msg_key IS NOT NULL AND not_before IS NOT NULL";
+        let sql = statement(&t, insert, blocks.then_some(only_delayed), outbox.notify);
+        let query = sqlx::query(&sql)
             .bind(ids)
             .bind(topics)
             .bind(keys)
             .bind(payloads)
             .bind(headers)
             .bind(created)
-            .bind(due)
+            .bind(due);
+        wake(query, outbox)
             .execute(&mut *self)
             .await
             .map_err(err("enqueue"))?;
-        send_notify(self, outbox).await
+        Ok(())
     }
 }
 
-/// The enqueue side's NOTIFY, when switched on.
-async fn send_notify(conn: &mut PgConnection, outbox: &Outbox) -> Result<()> {
+/// Binds the NOTIFY channel ($8) when NOTIFY is on.
+fn wake<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, PgArguments>,
+    outbox: &Outbox,
+) -> sqlx::query::Query<'q, sqlx::Postgres, PgArguments> {
     if outbox.notify {
-        let channel = outbox.table_name().channel();
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(&channel)
-            .execute(&mut *conn)
-            .await
-            .map_err(err("enqueue"))?;
+        query.bind(outbox.table_name().channel())
+    } else {
+        query
     }
-    Ok(())
+}
+
+/// The enqueue statement around `insert` (parameters $1-$7): with
+/// `blocks`, a filter on the inserted rows whose keys a delayed message
+/// holds back; with `notify`, a NOTIFY on channel $8 in the same statement
+/// (a statement of its own cost a round trip per business transaction).
+fn statement(t: &str, insert: String, blocks: Option<&str>, notify: bool) -> String {
+    let block = |filter: &str| {
+        format!(
+            "INSERT INTO {t}_blocked (msg_key, seq) SELECT msg_key, seq FROM ins {filter} \
+             ON CONFLICT DO NOTHING"
+        )
+    };
+    // A data-modifying WITH part always runs to completion, whatever the
+    // main statement reads of it.
+    let wake = "SELECT pg_notify($8::text, '') WHERE EXISTS (SELECT 1 FROM ins)";
+    match (blocks, notify) {
+        (None, false) => insert,
+        (None, true) => format!("WITH ins AS ({insert} RETURNING 1) {wake}"),
+        (Some(filter), false) => format!(
+            "WITH ins AS ({insert} RETURNING msg_key, seq, not_before) {}",
+            block(filter)
+        ),
+        (Some(filter), true) => format!(
+            "WITH ins AS ({insert} RETURNING msg_key, seq, not_before), \
+             b AS ({}) {wake}",
+            block(filter)
+        ),
+    }
 }
 
 /// The relay-side store on PostgreSQL. Cheap to clone; clones share the
@@ -366,9 +380,9 @@ impl Sql {
             )
         };
         // One row per claimed message, or one row of NULLs: the token and
-        // the database time come back either way. The blocked-keys probe is
-        // skipped when nothing is blocked (checked once per claim: a third
-        // of the claim's time on an empty side table).
+        // the database time come back either way. The blocked-keys probe is skipped when nothing is blocked
+        // (checked once per claim: a third of the claim's time on an empty
+        // side table).
         let mine = format!(
             "WITH tok AS (SELECT nextval('{t}_token') AS v, now() AS now), \
              mine AS ( \
@@ -382,7 +396,8 @@ impl Sql {
         let claim = |filter: &str| {
             format!(
                 "{mine}, c AS ( \
-                   SELECT t.id, t.topic, t.msg_key, t.payload, t.headers, t.created_at, \
+                   SELECT t.id, t.topic, t.msg_key, t.payload, \
+                     NULLIF(t.headers, '{{}}'::jsonb) AS headers, t.created_at, \
                      t.attempts, t.not_before, t.seq \
                    FROM {t} t \
                    WHERE t.delivered_at IS NULL AND t.dead_at IS NULL \
@@ -393,8 +408,10 @@ impl Sql {
                                          WHERE b.msg_key = t.msg_key AND b.seq < t.seq)) \
                      {filter} \
                    ORDER BY t.seq LIMIT $2 FOR UPDATE OF t SKIP LOCKED) \
-                 SELECT tok.v AS token, tok.now AS now, c.* FROM tok LEFT JOIN c ON true \
-                 ORDER BY c.seq"
+                 SELECT tok.v AS token, tok.now AS now, c.* FROM tok LEFT JOIN c ON true" // Not ordered here: sorting the batch in the database cost
+                                                                                          // a tenth of the claim; `take` sorts it by seq. Empty
+                                                                                          // headers come back NULL, which saves turning every '{}'
+                                                                                          // into text and parsing it again.
             )
         };
         Sql {
@@ -594,13 +611,15 @@ impl PgStore {
         };
         let token: i64 = first.try_get("token").map_err(err("claim"))?;
         let now: DateTime<Utc> = first.try_get("now").map_err(err("claim"))?;
-        let mut messages = Vec::with_capacity(rows.len());
+        let mut batch = Vec::with_capacity(rows.len());
         for row in &rows {
             let id: Option<Uuid> = row.try_get("id").map_err(err("claim"))?;
             if id.is_some() {
-                messages.push(Self::row_to_message(row)?.1);
+                batch.push(Self::row_to_message(row)?);
             }
         }
+        batch.sort_unstable_by_key(|(seq, _)| *seq);
+        let messages: Vec<Message> = batch.into_iter().map(|(_, m)| m).collect();
         let token = u64::try_from(token).unwrap_or(0);
         if !messages.is_empty() {
             self.inner.owners.update(owner, |s| {
@@ -623,7 +642,7 @@ impl PgStore {
         let get = |e: sqlx::Error| db_error(ENGINE, "claim", e);
         let id: Uuid = row.try_get("id").map_err(get)?;
         let payload: Vec<u8> = row.try_get("payload").map_err(get)?;
-        let headers: serde_json::Value = row.try_get("headers").map_err(get)?;
+        let headers: Option<serde_json::Value> = row.try_get("headers").map_err(get)?;
         let created: DateTime<Utc> = row.try_get("created_at").map_err(get)?;
         let not_before: Option<DateTime<Utc>> = row.try_get("not_before").map_err(get)?;
         let attempts: i32 = row.try_get("attempts").map_err(get)?;
@@ -635,7 +654,7 @@ impl PgStore {
                 topic: row.try_get("topic").map_err(get)?,
                 key: row.try_get("msg_key").map_err(get)?,
                 payload: payload.into(),
-                headers: headers_from_json(headers),
+                headers: headers.map(headers_from_json).unwrap_or_default(),
                 created_at: SystemTime::from(created),
                 attempts: u32::try_from(attempts).unwrap_or(0),
                 not_before: not_before.map(SystemTime::from),

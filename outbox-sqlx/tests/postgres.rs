@@ -281,3 +281,69 @@ async fn notify_wakes_the_relay_and_the_listener_reconnects() {
     cancel.cancel();
     run.await.unwrap();
 }
+
+/// NOTIFY rides in the enqueue statement itself, in each of its four
+/// shapes (one message or a batch, with or without a delayed keyed
+/// message); a rolled-back transaction sends none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_goes_with_every_enqueue_shape_and_not_with_a_rollback() {
+    use std::time::{Duration, SystemTime};
+    let Some(pool) = pool(3).await else { return };
+    let (_store, outbox) = fresh(&pool, StoreConfig::default()).await;
+    let outbox = outbox.notify(true);
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener
+        .listen(&outbox.table_name().channel())
+        .await
+        .unwrap();
+    let later = SystemTime::now() + Duration::from_secs(3_600);
+    let plain = |k: &str| Message::builder("t.n", "x").key(k).build().unwrap();
+    let delayed = |k: &str| {
+        Message::builder("t.n", "x")
+            .key(k)
+            .not_before(later)
+            .build()
+            .unwrap()
+    };
+    let shapes: Vec<(&str, Vec<Message>)> = vec![
+        ("one", vec![plain("a")]),
+        ("one delayed", vec![delayed("b")]),
+        ("batch", vec![plain("c"), plain("d")]),
+        ("batch with a delayed one", vec![plain("e"), delayed("f")]),
+    ];
+    let mut rows = 0;
+    for (shape, ms) in shapes {
+        let mut tx = pool.begin().await.unwrap();
+        outbox.enqueue_batch(&mut *tx, &ms).await.unwrap();
+        tx.commit().await.unwrap();
+        rows += ms.len() as i64;
+        let got = tokio::time::timeout(Duration::from_secs(10), listener.recv()).await;
+        assert!(matches!(got, Ok(Ok(_))), "{shape}: a NOTIFY after commit");
+        assert_eq!(count(&pool, &outbox).await, rows, "{shape}: rows written");
+    }
+    let blocked: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {}_blocked",
+        outbox.table_name().qualified("")
+    ))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(blocked, 2, "each delayed keyed message holds its key");
+    let mut tx = pool.begin().await.unwrap();
+    outbox.enqueue(&mut *tx, &plain("g")).await.unwrap();
+    tx.rollback().await.unwrap();
+    // A marker NOTIFY sent after the rollback must be the next one heard.
+    sqlx::query("SELECT pg_notify($1, 'marker')")
+        .bind(outbox.table_name().channel())
+        .execute(&pool)
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.payload(), "marker", "the rollback sent no NOTIFY");
+    assert_eq!(count(&pool, &outbox).await, rows);
+}
