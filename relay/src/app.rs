@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError};
 use crate::database::Db;
+use crate::health::Watched;
 use crate::http::{serve, HttpState};
 
 /// Why the process could not start (exit code 2) or failed while running
@@ -103,8 +104,10 @@ pub async fn run(config: Config, check: bool) -> Result<(), StartError> {
             .map_err(|e| db_error(format!("migration failed: {e}")))?;
     }
 
-    // One transport per distinct URL, shared by the routes naming it.
+    // One transport per distinct URL, shared by the routes naming it, each
+    // watched for `/health`.
     let mut transports: HashMap<&str, Arc<dyn Transport>> = HashMap::new();
+    let mut watches = Vec::new();
     let mut router = Router::builder();
     for route in &config.routes {
         let url = route.target.url();
@@ -121,6 +124,9 @@ pub async fn run(config: Config, check: bool) -> Result<(), StartError> {
                         url: route.target.redacted(),
                         reason: format!("cannot connect: {e}"),
                     })?;
+                let (t, watch) = Watched::new(t, route.target.redacted());
+                let t: Arc<dyn Transport> = Arc::new(t);
+                watches.push(watch);
                 transports.insert(url, t.clone());
                 t
             }
@@ -164,6 +170,8 @@ pub async fn run(config: Config, check: bool) -> Result<(), StartError> {
         db: db.clone(),
         running: AtomicBool::new(true),
         secrets: config.secrets(),
+        transports: watches,
+        unhealthy_after: config.unhealthy_after,
     });
     let http = listener.map(|l| tokio::spawn(serve(l, state.clone(), cancel.child_token())));
     let upkeep = {

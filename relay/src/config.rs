@@ -75,6 +75,10 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "connect_timeout_ms",
         "how long connecting to the database or a broker may take",
     ),
+    (
+        "unhealthy_after_ms",
+        "how long a transport may keep failing before /health answers 503",
+    ),
 ];
 
 /// Where a setting's value came from.
@@ -231,6 +235,9 @@ pub struct Config {
     pub db_max_connections: u32,
     /// Connect timeout for the database and the brokers.
     pub connect_timeout: Duration,
+    /// How long every publish of a transport may fail before `/health`
+    /// reports it.
+    pub unhealthy_after: Duration,
 }
 
 impl fmt::Debug for Config {
@@ -256,6 +263,7 @@ impl fmt::Debug for Config {
             .field("listen_notify", &self.listen_notify)
             .field("db_max_connections", &self.db_max_connections)
             .field("connect_timeout", &self.connect_timeout)
+            .field("unhealthy_after", &self.unhealthy_after)
             .finish()
     }
 }
@@ -284,6 +292,7 @@ struct FileConfig {
     listen_notify: Option<bool>,
     db_max_connections: Option<u64>,
     connect_timeout_ms: Option<u64>,
+    unhealthy_after_ms: Option<u64>,
 }
 
 /// `[routes]` entries in file order.
@@ -663,6 +672,13 @@ impl Config {
             u64::MAX,
             "connect_timeout_ms",
         )?;
+        let unhealthy_ms = ranged(
+            s.number("unhealthy_after_ms", f.unhealthy_after_ms)?,
+            60_000u64,
+            1,
+            u64::MAX,
+            "unhealthy_after_ms",
+        )?;
 
         let listen = match s.string("listen", f.listen.as_ref()) {
             None => Some(SocketAddr::from_str(DEFAULT_LISTEN).map_err(|_| {
@@ -736,6 +752,7 @@ impl Config {
             listen_notify: s.boolean("listen_notify", f.listen_notify)?.unwrap_or(true),
             db_max_connections,
             connect_timeout: Duration::from_millis(connect_ms),
+            unhealthy_after: Duration::from_millis(unhealthy_ms),
         })
     }
 

@@ -13,6 +13,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use crate::database::Db;
+use crate::health::Watch;
 
 /// Largest request head read.
 const MAX_HEAD: usize = 8 * 1024;
@@ -31,6 +32,10 @@ pub(crate) struct HttpState {
     pub running: AtomicBool,
     /// Text of the secrets to scrub from `/health` error bodies.
     pub secrets: Vec<String>,
+    /// Every transport, watched.
+    pub transports: Vec<Arc<Watch>>,
+    /// How long a transport may fail before `/health` reports it.
+    pub unhealthy_after: Duration,
 }
 
 /// Serves until `cancel` fires.
@@ -97,8 +102,18 @@ async fn handle(mut stream: TcpStream, state: &HttpState) -> std::io::Result<()>
             if !state.running.load(Ordering::SeqCst) {
                 (503, "text/plain", b"stopping\n".to_vec())
             } else {
+                let failing = state
+                    .transports
+                    .iter()
+                    .find_map(|t| t.failing(state.unhealthy_after));
                 match state.db.ping(PING_TIMEOUT).await {
-                    Ok(()) => (200, "text/plain", b"ok\n".to_vec()),
+                    Ok(()) => match failing {
+                        None => (200, "text/plain", b"ok\n".to_vec()),
+                        Some(why) => {
+                            let why = crate::redact::scrub(&why, &state.secrets);
+                            (503, "text/plain", format!("{why}\n").into_bytes())
+                        }
+                    },
                     Err(e) => {
                         let e = crate::redact::scrub(&e, &state.secrets);
                         (

@@ -7,6 +7,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod database;
+mod health;
 mod http;
 pub mod redact;
 pub mod target;

@@ -131,6 +131,7 @@ fn defaults() {
     assert!(c.listen_notify);
     assert_eq!(c.db_max_connections, 5);
     assert_eq!(c.connect_timeout, Duration::from_secs(5));
+    assert_eq!(c.unhealthy_after, Duration::from_secs(60));
     // Empty values count as unset.
     let c = with(&[("OUTBOX_RELAY_BATCH_SIZE", " "), ("OUTBOX_RELAY_TABLE", "")]).unwrap();
     assert_eq!(c.batch_size, 500);
@@ -162,6 +163,7 @@ hold_dead_letters = true
 listen_notify = false
 db_max_connections = 3
 connect_timeout_ms = 2500
+unhealthy_after_ms = 15000
 
 [routes]
 "orders.*" = "kafka://127.0.0.1:9092?linger_ms=20&property.compression.type=zstd"
@@ -193,6 +195,7 @@ fn file_only_keeps_route_order_and_maps_options() {
     assert!(c.keep_delivered && c.hold_dead_letters && !c.listen_notify);
     assert_eq!(c.db_max_connections, 3);
     assert_eq!(c.connect_timeout, Duration::from_millis(2500));
+    assert_eq!(c.unhealthy_after, Duration::from_secs(15));
 
     match c.routes[0].target.config() {
         TargetConfig::Kafka(k) => {
@@ -501,6 +504,10 @@ fn bad_values() {
     assert_eq!(
         err(&[("OUTBOX_RELAY_DB_MAX_CONNECTIONS", "1")]),
         "OUTBOX_RELAY_DB_MAX_CONNECTIONS: db_max_connections must be between 2 and 1000 (got 1)"
+    );
+    assert_eq!(
+        err(&[("OUTBOX_RELAY_UNHEALTHY_AFTER_MS", "0")]),
+        "OUTBOX_RELAY_UNHEALTHY_AFTER_MS: unhealthy_after_ms must be at least 1 (got 0)"
     );
     assert_eq!(
         err(&[("OUTBOX_RELAY_MIGRATE", "maybe")]),

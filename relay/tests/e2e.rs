@@ -390,15 +390,15 @@ fn sqlite_to_redis_streams() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A TCP forwarder to PostgreSQL that the test can cut, standing in for a
-/// database that becomes unreachable.
+/// A TCP forwarder to `target` that the test can cut, standing in for a
+/// server that becomes unreachable.
 struct Proxy {
     port: u16,
     cancel: outbox_core::CancellationToken,
 }
 
 impl Proxy {
-    fn start(rt: &tokio::runtime::Runtime, port: u16) -> Proxy {
+    fn start(rt: &tokio::runtime::Runtime, port: u16, target: &'static str) -> Proxy {
         let cancel = outbox_core::CancellationToken::new();
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
@@ -413,7 +413,7 @@ impl Proxy {
                 };
                 let stop = stop.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(PG_ADDR).await else {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
                         return;
                     };
                     tokio::select! {
@@ -438,7 +438,7 @@ fn health_reports_an_unreachable_database() {
         return;
     }
     let rt = runtime();
-    let proxy = Proxy::start(&rt, 0);
+    let proxy = Proxy::start(&rt, 0, PG_ADDR);
     let schema = unique("relay_");
     let table = format!("{schema}.outbox");
     let db_url = format!("postgres://postgres@127.0.0.1:{}/test", proxy.port);
@@ -475,7 +475,7 @@ fn health_reports_an_unreachable_database() {
     assert_eq!(http_get(port, "/metrics").unwrap().0, 200);
 
     // The database comes back: healthy again.
-    let _back = Proxy::start(&rt, proxy.port);
+    let _back = Proxy::start(&rt, proxy.port, PG_ADDR);
     wait_for(60, "GET /health = 200 again", || {
         http_get(port, "/health").filter(|(s, _)| *s == 200)
     });
@@ -487,6 +487,107 @@ fn health_reports_an_unreachable_database() {
             let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
                 .execute(&pool)
                 .await;
+        }
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A broker that stops answering turns `/health` to 503 once every publish
+/// has failed for `unhealthy_after_ms`, naming the transport; the message
+/// is delivered once the broker is back, and `/health` is 200 again.
+#[cfg(feature = "sqlite")]
+#[test]
+fn health_reports_a_failing_transport() {
+    if !require_service("redis", REDIS_ADDR) {
+        return;
+    }
+    let rt = runtime();
+    let proxy = Proxy::start(&rt, 0, REDIS_ADDR);
+    let dir = std::env::temp_dir().join(unique("outbox-relay-broker-health-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("app.db");
+    let url = format!("sqlite://{}?mode=rwc", db.display());
+    let prefix = unique("relaytest-health-");
+    let routes = format!(
+        ">=redis://127.0.0.1:{}?prefix={prefix}:&connect_timeout_ms=300&response_timeout_ms=500",
+        proxy.port
+    );
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut cmd = relay(&[
+        ("OUTBOX_RELAY_DATABASE_URL", &url),
+        ("OUTBOX_RELAY_ROUTES", &routes),
+        ("OUTBOX_RELAY_LISTEN", &listen),
+        ("OUTBOX_RELAY_POLL_INTERVAL_MS", "100"),
+        ("OUTBOX_RELAY_RETRY_INITIAL_MS", "200"),
+        ("OUTBOX_RELAY_RETRY_CAP_MS", "400"),
+        ("OUTBOX_RELAY_MAX_ATTEMPTS", "1000"),
+        ("OUTBOX_RELAY_UNHEALTHY_AFTER_MS", "1000"),
+    ]);
+    cmd.stdout(Stdio::from(File::create(dir.join("stdout")).unwrap()))
+        .stderr(Stdio::from(File::create(dir.join("stderr")).unwrap()));
+    let mut child = Running(Some(cmd.spawn().unwrap()));
+    wait_for(60, "GET /health = 200", || {
+        if let Some(status) = child.0.as_mut().unwrap().try_wait().unwrap() {
+            panic!(
+                "outbox-relay exited early ({status}): {}",
+                read(&dir.join("stderr"))
+            );
+        }
+        http_get(port, "/health").filter(|(s, _)| *s == 200)
+    });
+
+    proxy.cut();
+    let pool = rt
+        .block_on(sqlx::SqlitePool::connect(&format!(
+            "sqlite://{}",
+            db.display()
+        )))
+        .unwrap();
+    let id = uuid::Uuid::now_v7();
+    let now = i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_micros(),
+    )
+    .unwrap();
+    rt.block_on(
+        sqlx::query(
+            "INSERT INTO outbox_messages (id, topic, payload, headers, created_at) \
+             VALUES (?, 'orders.placed', ?, '{}', ?)",
+        )
+        .bind(id.to_string())
+        .bind(&b"during the outage"[..])
+        .bind(now)
+        .execute(&pool),
+    )
+    .unwrap();
+    let (_, body) = wait_for(30, "GET /health = 503", || {
+        http_get(port, "/health").filter(|(s, _)| *s == 503)
+    });
+    let named = format!("transport redis://127.0.0.1:{}", proxy.port);
+    assert!(
+        body.starts_with(&named) && body.contains(" failing for "),
+        "{body}"
+    );
+    assert_eq!(http_get(port, "/metrics").unwrap().0, 200);
+
+    let _back = Proxy::start(&rt, proxy.port, REDIS_ADDR);
+    let redis = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let stream = format!("{prefix}:orders.placed");
+    let entries = redis_entries(&rt, &redis, &stream, 1);
+    assert_eq!(entries[0].0, id.to_string());
+    wait_for(30, "GET /health = 200 again", || {
+        http_get(port, "/health").filter(|(s, _)| *s == 200)
+    });
+
+    let (status, _) = child.terminate(15);
+    assert_eq!(status.code(), Some(0), "{}", read(&dir.join("stderr")));
+    rt.block_on(async {
+        pool.close().await;
+        if let Ok(mut conn) = redis.get_multiplexed_async_connection().await {
+            let _: Result<(), _> = conn.del(&stream).await;
         }
     });
     let _ = std::fs::remove_dir_all(&dir);
