@@ -38,6 +38,13 @@ pub(crate) enum KafkaError {
     /// Flushing did not complete.
     #[error("flush failed: {0}")]
     Flush(String),
+    /// No broker answered a metadata request while connecting.
+    #[error("no broker answered within {within:?}: {detail}")]
+    Connect {
+        code: Option<Code>,
+        within: Duration,
+        detail: String,
+    },
 }
 
 /// How a librdkafka error code is classified: the kind and whether a retry
@@ -102,6 +109,7 @@ impl KafkaError {
         match self {
             KafkaError::Config(_) | KafkaError::Client(_) => "configure",
             KafkaError::Flush(_) => "flush",
+            KafkaError::Connect { .. } => "connect",
             _ => "publish",
         }
     }
@@ -115,6 +123,12 @@ impl KafkaError {
             KafkaError::Canceled => (ErrorKind::Other, true),
             KafkaError::ReportTimeout(_) => (ErrorKind::Timeout, true),
             KafkaError::Flush(_) => (ErrorKind::Timeout, true),
+            // Refused credentials stay refused; anything else (down,
+            // unreachable, not answering) may pass.
+            KafkaError::Connect { code, .. } => match code.map(|c| classify(c, false)) {
+                Some((ErrorKind::Unauthorized, _)) => (ErrorKind::Unauthorized, false),
+                _ => (ErrorKind::Connection, true),
+            },
         }
     }
 }

@@ -55,17 +55,48 @@ impl std::fmt::Debug for KafkaTransport {
 }
 
 impl KafkaTransport {
-    /// Creates the producer (named `connect` like every adapter's
-    /// constructor). librdkafka connects in the background, so this does not
-    /// fail when the brokers are down; it fails (permanently, kind
+    /// Creates the producer and waits (up to `connect_timeout`) until a
+    /// broker answers a metadata request, so that an unreachable cluster,
+    /// a port that is not Kafka or refused credentials show at start, like
+    /// every adapter's `connect`. It fails permanently (kind
     /// [`Config`](outbox_core::ErrorKind::Config)) when the configuration or
-    /// a passed-through property is invalid.
+    /// a passed-through property is invalid, permanently (kind
+    /// [`Unauthorized`](outbox_core::ErrorKind::Unauthorized)) when the
+    /// credentials are refused, and transiently (kind
+    /// [`Connection`](outbox_core::ErrorKind::Connection)) when no broker
+    /// answers in time.
     pub async fn connect(config: KafkaConfig) -> outbox_core::Result<Self> {
-        Self::new(config)
+        let transport = Self::new(config)?;
+        let producer = transport.producer();
+        let within = transport.config.connect_timeout;
+        // librdkafka's metadata call blocks its thread.
+        let answered = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, Timeout::After(within))
+                .map(|_| ())
+        })
+        .await;
+        let failed = match answered {
+            Ok(Ok(())) => return Ok(transport),
+            Ok(Err(e)) => KafkaError::Connect {
+                code: e.rdkafka_error_code(),
+                within,
+                detail: e.to_string(),
+            },
+            Err(e) => KafkaError::Connect {
+                code: None,
+                within,
+                detail: e.to_string(),
+            },
+        };
+        Err(failed.into())
     }
 
-    /// The same as [`connect`](Self::connect), for callers outside an async
-    /// context.
+    /// Creates the producer without waiting for a broker: librdkafka
+    /// connects in the background, so this does not fail when the brokers
+    /// are down (publishes then fail transiently until they are up). For
+    /// callers outside an async context.
     pub fn new(config: KafkaConfig) -> outbox_core::Result<Self> {
         config.validate()?;
         let client_config = client_config(&config);

@@ -148,3 +148,46 @@ async fn a_fatal_producer_error_is_transient_and_the_producer_is_replaced() {
     }
     kafka.flush().await.unwrap();
 }
+
+/// `connect` waits for a broker's metadata: it succeeds against the mock
+/// cluster, and fails within `connect_timeout` (transiently, kind
+/// Connection) when nothing listens or the port does not speak Kafka.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_waits_for_a_broker() {
+    let cluster = MockCluster::new(1).unwrap();
+    let config = outbox_kafka::KafkaConfig::builder(cluster.bootstrap_servers())
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    outbox_kafka::KafkaTransport::connect(config).await.unwrap();
+
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let not_kafka = silent.local_addr().unwrap().to_string();
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    for brokers in [closed, not_kafka] {
+        let config = outbox_kafka::KafkaConfig::builder(brokers.as_str())
+            .connect_timeout(Duration::from_millis(500))
+            .build()
+            .unwrap();
+        let started = Instant::now();
+        let e = outbox_kafka::KafkaTransport::connect(config)
+            .await
+            .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{brokers}: took {:?}",
+            started.elapsed()
+        );
+        assert!(e.is_transient(), "{brokers}: {e}");
+        assert_eq!(e.kind(), ErrorKind::Connection, "{brokers}: {e}");
+        assert_eq!(e.operation(), Some("connect"), "{brokers}: {e}");
+        assert!(
+            e.to_string().contains("no broker answered within 500ms"),
+            "{brokers}: {e}"
+        );
+    }
+    drop(silent);
+}

@@ -73,7 +73,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("db_max_connections", "database pool size"),
     (
         "connect_timeout_ms",
-        "how long connecting to the database or a broker may take",
+        "how long connecting to the database may take",
     ),
     (
         "unhealthy_after_ms",

@@ -121,6 +121,7 @@ const KAFKA_OPTIONS: &[&str] = &[
     "client_id",
     "linger_ms",
     "delivery_timeout_ms",
+    "connect_timeout_ms",
     "prefix",
     "topic_map",
     "auto_create_topics",
@@ -362,9 +363,9 @@ impl Target {
         &self.config
     }
 
-    /// Connects the transport. NATS, RabbitMQ and Redis connect in their
-    /// adapter; for Kafka, whose producer connects in the background, one of
-    /// the bootstrap brokers must accept a TCP connection within `timeout`.
+    /// Connects the transport with the adapter's own `connect` (each bounds
+    /// its attempt with its `connect_timeout_ms` option); `timeout` only
+    /// bounds a hung handshake.
     pub async fn connect(&self, timeout: Duration) -> Result<Arc<dyn Transport>, Error> {
         // The adapters bound their own connection attempts; this only keeps a
         // hung handshake from stalling the start for ever.
@@ -374,10 +375,7 @@ impl Target {
                 TargetConfig::Nats(c) => Arc::new(NatsTransport::connect(c.clone()).await?),
                 TargetConfig::Amqp(c) => Arc::new(AmqpTransport::connect(c.clone()).await?),
                 TargetConfig::Redis(c) => Arc::new(RedisTransport::connect(c.clone()).await?),
-                TargetConfig::Kafka(c) => {
-                    reach_any_broker(&c.brokers, timeout).await?;
-                    Arc::new(KafkaTransport::new(c.clone())?)
-                }
+                TargetConfig::Kafka(c) => Arc::new(KafkaTransport::connect(c.clone()).await?),
             };
             Ok(transport)
         };
@@ -426,27 +424,6 @@ fn adapter_error(scheme: Scheme, prefix: &str, e: &Error) -> RouteError {
         message.replace_range(start..end, &option);
     }
     RouteError::Transport { scheme, message }
-}
-
-/// Succeeds when one of the comma-separated `host:port` brokers accepts a
-/// TCP connection.
-async fn reach_any_broker(brokers: &str, timeout: Duration) -> Result<(), Error> {
-    let mut last = String::from("no broker address");
-    for broker in brokers.split(',').map(str::trim).filter(|b| !b.is_empty()) {
-        // librdkafka accepts `PLAINTEXT://host:port` style entries too.
-        let addr = broker.rsplit("://").next().unwrap_or(broker);
-        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
-            Ok(Ok(_)) => return Ok(()),
-            Ok(Err(e)) => last = format!("{addr}: {e}"),
-            Err(_) => last = format!("{addr}: no answer within {timeout:?}"),
-        }
-    }
-    Err(Error::transient(
-        ErrorKind::Connection,
-        format!("cannot reach any broker ({last})"),
-    )
-    .with_backend("kafka")
-    .with_operation("connect"))
 }
 
 #[cfg(test)]
