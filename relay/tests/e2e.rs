@@ -59,6 +59,27 @@ fn redis_entries(
     })
 }
 
+/// Starts the binary with `vars` (its output in `dir`) and waits until
+/// `GET /health` on `port` answers 200; fails if it exits first. Returns the
+/// process and the health body.
+fn start_healthy(vars: &[(&str, &str)], dir: &std::path::Path, port: u16) -> (Running, String) {
+    let mut cmd = relay(vars);
+    cmd.stdout(Stdio::from(File::create(dir.join("stdout")).unwrap()))
+        .stderr(Stdio::from(File::create(dir.join("stderr")).unwrap()));
+    let mut child = Running(Some(cmd.spawn().unwrap()));
+    let (_, body) = wait_for(60, "GET /health = 200", || {
+        if let Some(status) = child.0.as_mut().unwrap().try_wait().unwrap() {
+            panic!(
+                "outbox-relay exited early ({status}): {}{}",
+                read(&dir.join("stderr")),
+                read(&dir.join("stdout"))
+            );
+        }
+        http_get(port, "/health").filter(|(s, _)| *s == 200)
+    });
+    (child, body)
+}
+
 fn read(path: &std::path::Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -91,30 +112,19 @@ fn postgres_to_nats_and_redis() {
     let routes = format!(
         "notes.{tag}.>=nats://127.0.0.1:4222?mode=core;audit.>=redis://127.0.0.1:6379?prefix={stream_prefix}"
     );
-    let mut cmd = relay(&[
-        ("OUTBOX_RELAY_DATABASE_URL", PG_URL_WITH_PASSWORD),
-        ("OUTBOX_RELAY_TABLE", &table),
-        ("OUTBOX_RELAY_ROUTES", &routes),
-        ("OUTBOX_RELAY_LISTEN", &listen),
-        ("OUTBOX_RELAY_POLL_INTERVAL_MS", "100"),
-        ("OUTBOX_RELAY_BATCH_SIZE", "50"),
-        ("OUTBOX_RELAY_LOG", "info"),
-    ]);
-    cmd.stdout(Stdio::from(File::create(logs.join("stdout")).unwrap()))
-        .stderr(Stdio::from(File::create(logs.join("stderr")).unwrap()));
-    let mut child = Running(Some(cmd.spawn().unwrap()));
-
-    // Up: migrations ran, transports connected, /health answers.
-    let (_, body) = wait_for(60, "GET /health = 200", || {
-        if let Some(status) = child.0.as_mut().unwrap().try_wait().unwrap() {
-            panic!(
-                "outbox-relay exited early ({status}): {}{}",
-                read(&logs.join("stderr")),
-                read(&logs.join("stdout"))
-            );
-        }
-        http_get(port, "/health").filter(|(s, _)| *s == 200)
-    });
+    let (mut child, body) = start_healthy(
+        &[
+            ("OUTBOX_RELAY_DATABASE_URL", PG_URL_WITH_PASSWORD),
+            ("OUTBOX_RELAY_TABLE", &table),
+            ("OUTBOX_RELAY_ROUTES", &routes),
+            ("OUTBOX_RELAY_LISTEN", &listen),
+            ("OUTBOX_RELAY_POLL_INTERVAL_MS", "100"),
+            ("OUTBOX_RELAY_BATCH_SIZE", "50"),
+            ("OUTBOX_RELAY_LOG", "info"),
+        ],
+        &logs,
+        port,
+    );
     assert_eq!(body, "ok\n");
 
     // An application in any language: plain INSERTs following the schema.
@@ -302,6 +312,40 @@ fn postgres_to_nats_and_redis() {
     let _ = std::fs::remove_dir_all(&logs);
 }
 
+/// Inserts one `orders.placed` row into a SQLite outbox by plain SQL, as an
+/// application in any language would; returns its id.
+#[cfg(feature = "sqlite")]
+fn insert_sqlite(
+    rt: &tokio::runtime::Runtime,
+    pool: &sqlx::SqlitePool,
+    key: Option<&str>,
+    payload: &[u8],
+    headers: &str,
+) -> uuid::Uuid {
+    let id = uuid::Uuid::now_v7();
+    let now = i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_micros(),
+    )
+    .unwrap();
+    rt.block_on(
+        sqlx::query(
+            "INSERT INTO outbox_messages (id, topic, msg_key, payload, headers, created_at) \
+             VALUES (?, 'orders.placed', ?, ?, ?, ?)",
+        )
+        .bind(id.to_string())
+        .bind(key)
+        .bind(payload)
+        .bind(headers)
+        .bind(now)
+        .execute(pool),
+    )
+    .unwrap();
+    id
+}
+
 /// SQLite, the embedded engine: the same binary, a file instead of a server.
 #[cfg(feature = "sqlite")]
 #[test]
@@ -318,24 +362,16 @@ fn sqlite_to_redis_streams() {
     let routes = format!(">=redis://127.0.0.1:6379?prefix={prefix}:");
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut cmd = relay(&[
-        ("OUTBOX_RELAY_DATABASE_URL", &url),
-        ("OUTBOX_RELAY_ROUTES", &routes),
-        ("OUTBOX_RELAY_LISTEN", &listen),
-        ("OUTBOX_RELAY_POLL_INTERVAL_MS", "100"),
-    ]);
-    cmd.stdout(Stdio::from(File::create(dir.join("stdout")).unwrap()))
-        .stderr(Stdio::from(File::create(dir.join("stderr")).unwrap()));
-    let mut child = Running(Some(cmd.spawn().unwrap()));
-    wait_for(60, "GET /health = 200", || {
-        if let Some(status) = child.0.as_mut().unwrap().try_wait().unwrap() {
-            panic!(
-                "outbox-relay exited early ({status}): {}",
-                read(&dir.join("stderr"))
-            );
-        }
-        http_get(port, "/health").filter(|(s, _)| *s == 200)
-    });
+    let (mut child, _) = start_healthy(
+        &[
+            ("OUTBOX_RELAY_DATABASE_URL", &url),
+            ("OUTBOX_RELAY_ROUTES", &routes),
+            ("OUTBOX_RELAY_LISTEN", &listen),
+            ("OUTBOX_RELAY_POLL_INTERVAL_MS", "100"),
+        ],
+        &dir,
+        port,
+    );
 
     let pool = rt
         .block_on(sqlx::SqlitePool::connect(&format!(
@@ -343,25 +379,7 @@ fn sqlite_to_redis_streams() {
             db.display()
         )))
         .unwrap();
-    let id = uuid::Uuid::now_v7();
-    let now = i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_micros(),
-    )
-    .unwrap();
-    rt.block_on(
-        sqlx::query(
-            "INSERT INTO outbox_messages (id, topic, msg_key, payload, headers, created_at) \
-             VALUES (?, 'orders.placed', 'o-1', ?, '{\"source\":\"sql\"}', ?)",
-        )
-        .bind(id.to_string())
-        .bind(&b"order 1"[..])
-        .bind(now)
-        .execute(&pool),
-    )
-    .unwrap();
+    let id = insert_sqlite(&rt, &pool, Some("o-1"), b"order 1", r#"{"source":"sql"}"#);
 
     let redis = redis::Client::open("redis://127.0.0.1:6379").unwrap();
     let stream = format!("{prefix}:orders.placed");
@@ -446,25 +464,17 @@ fn health_reports_an_unreachable_database() {
     let listen = format!("127.0.0.1:{port}");
     let dir = std::env::temp_dir().join(unique("outbox-relay-health-"));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut cmd = relay(&[
-        ("OUTBOX_RELAY_DATABASE_URL", &db_url),
-        ("OUTBOX_RELAY_TABLE", &table),
-        ("OUTBOX_RELAY_ROUTES", ">=redis://127.0.0.1:6379"),
-        ("OUTBOX_RELAY_LISTEN", &listen),
-        ("OUTBOX_RELAY_CONNECT_TIMEOUT_MS", "1000"),
-    ]);
-    cmd.stdout(Stdio::from(File::create(dir.join("stdout")).unwrap()))
-        .stderr(Stdio::from(File::create(dir.join("stderr")).unwrap()));
-    let mut child = Running(Some(cmd.spawn().unwrap()));
-    wait_for(60, "GET /health = 200", || {
-        if let Some(status) = child.0.as_mut().unwrap().try_wait().unwrap() {
-            panic!(
-                "outbox-relay exited early ({status}): {}",
-                read(&dir.join("stderr"))
-            );
-        }
-        http_get(port, "/health").filter(|(s, _)| *s == 200)
-    });
+    let (mut child, _) = start_healthy(
+        &[
+            ("OUTBOX_RELAY_DATABASE_URL", &db_url),
+            ("OUTBOX_RELAY_TABLE", &table),
+            ("OUTBOX_RELAY_ROUTES", ">=redis://127.0.0.1:6379"),
+            ("OUTBOX_RELAY_LISTEN", &listen),
+            ("OUTBOX_RELAY_CONNECT_TIMEOUT_MS", "1000"),
+        ],
+        &dir,
+        port,
+    );
 
     proxy.cut();
     let (_, body) = wait_for(30, "GET /health = 503", || {
@@ -514,28 +524,20 @@ fn health_reports_a_failing_transport() {
     );
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut cmd = relay(&[
-        ("OUTBOX_RELAY_DATABASE_URL", &url),
-        ("OUTBOX_RELAY_ROUTES", &routes),
-        ("OUTBOX_RELAY_LISTEN", &listen),
-        ("OUTBOX_RELAY_POLL_INTERVAL_MS", "100"),
-        ("OUTBOX_RELAY_RETRY_INITIAL_MS", "200"),
-        ("OUTBOX_RELAY_RETRY_CAP_MS", "400"),
-        ("OUTBOX_RELAY_MAX_ATTEMPTS", "1000"),
-        ("OUTBOX_RELAY_UNHEALTHY_AFTER_MS", "1000"),
-    ]);
-    cmd.stdout(Stdio::from(File::create(dir.join("stdout")).unwrap()))
-        .stderr(Stdio::from(File::create(dir.join("stderr")).unwrap()));
-    let mut child = Running(Some(cmd.spawn().unwrap()));
-    wait_for(60, "GET /health = 200", || {
-        if let Some(status) = child.0.as_mut().unwrap().try_wait().unwrap() {
-            panic!(
-                "outbox-relay exited early ({status}): {}",
-                read(&dir.join("stderr"))
-            );
-        }
-        http_get(port, "/health").filter(|(s, _)| *s == 200)
-    });
+    let (mut child, _) = start_healthy(
+        &[
+            ("OUTBOX_RELAY_DATABASE_URL", &url),
+            ("OUTBOX_RELAY_ROUTES", &routes),
+            ("OUTBOX_RELAY_LISTEN", &listen),
+            ("OUTBOX_RELAY_POLL_INTERVAL_MS", "100"),
+            ("OUTBOX_RELAY_RETRY_INITIAL_MS", "200"),
+            ("OUTBOX_RELAY_RETRY_CAP_MS", "400"),
+            ("OUTBOX_RELAY_MAX_ATTEMPTS", "1000"),
+            ("OUTBOX_RELAY_UNHEALTHY_AFTER_MS", "1000"),
+        ],
+        &dir,
+        port,
+    );
 
     proxy.cut();
     let pool = rt
@@ -544,25 +546,7 @@ fn health_reports_a_failing_transport() {
             db.display()
         )))
         .unwrap();
-    let id = uuid::Uuid::now_v7();
-    let now = i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_micros(),
-    )
-    .unwrap();
-    rt.block_on(
-        sqlx::query(
-            "INSERT INTO outbox_messages (id, topic, payload, headers, created_at) \
-             VALUES (?, 'orders.placed', ?, '{}', ?)",
-        )
-        .bind(id.to_string())
-        .bind(&b"during the outage"[..])
-        .bind(now)
-        .execute(&pool),
-    )
-    .unwrap();
+    let id = insert_sqlite(&rt, &pool, None, b"during the outage", "{}");
     let (_, body) = wait_for(30, "GET /health = 503", || {
         http_get(port, "/health").filter(|(s, _)| *s == 503)
     });
@@ -609,25 +593,17 @@ fn mysql_to_redis_streams() {
     let listen = format!("127.0.0.1:{port}");
     let dir = std::env::temp_dir().join(unique("outbox-relay-mysql-"));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut cmd = relay(&[
-        ("OUTBOX_RELAY_DATABASE_URL", MYSQL_URL),
-        ("OUTBOX_RELAY_TABLE", &table),
-        ("OUTBOX_RELAY_ROUTES", &routes),
-        ("OUTBOX_RELAY_LISTEN", &listen),
-        ("OUTBOX_RELAY_POLL_INTERVAL_MS", "100"),
-    ]);
-    cmd.stdout(Stdio::from(File::create(dir.join("stdout")).unwrap()))
-        .stderr(Stdio::from(File::create(dir.join("stderr")).unwrap()));
-    let mut child = Running(Some(cmd.spawn().unwrap()));
-    wait_for(60, "GET /health = 200", || {
-        if let Some(status) = child.0.as_mut().unwrap().try_wait().unwrap() {
-            panic!(
-                "outbox-relay exited early ({status}): {}",
-                read(&dir.join("stderr"))
-            );
-        }
-        http_get(port, "/health").filter(|(s, _)| *s == 200)
-    });
+    let (mut child, _) = start_healthy(
+        &[
+            ("OUTBOX_RELAY_DATABASE_URL", MYSQL_URL),
+            ("OUTBOX_RELAY_TABLE", &table),
+            ("OUTBOX_RELAY_ROUTES", &routes),
+            ("OUTBOX_RELAY_LISTEN", &listen),
+            ("OUTBOX_RELAY_POLL_INTERVAL_MS", "100"),
+        ],
+        &dir,
+        port,
+    );
 
     let pool = rt.block_on(sqlx::MySqlPool::connect(MYSQL_URL)).unwrap();
     rt.block_on(
