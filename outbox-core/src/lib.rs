@@ -14,6 +14,7 @@ pub mod settings;
 pub mod signal;
 pub mod store;
 pub mod transport;
+pub mod watch;
 pub mod wire;
 
 #[cfg(feature = "testing")]
@@ -31,6 +32,7 @@ pub use store::{
     Retry, Selector, SettleReport, Settlement, Stats, Store,
 };
 pub use transport::{PublishResult, Transport, TransportExt};
+pub use watch::{TransportHealth, WatchedTransport};
 
 /// Re-exported so applications need not depend on tokio-util for the
 /// token that stops a relay.

@@ -6,14 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusBuilder;
-use outbox_core::{CancellationToken, Relay, RelayId, Router, Transport};
+use outbox_core::{CancellationToken, Relay, RelayId, Router, Transport, WatchedTransport};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError};
 use crate::database::Db;
-use crate::health::Watched;
 use crate::http::{serve, HttpState};
 
 /// Why the process could not start (exit code 2) or failed while running
@@ -124,9 +123,9 @@ pub async fn run(config: Config, check: bool) -> Result<(), StartError> {
                         url: route.target.redacted(),
                         reason: format!("cannot connect: {e}"),
                     })?;
-                let (t, watch) = Watched::new(t, route.target.redacted());
+                let (t, health) = WatchedTransport::new(t, route.target.redacted());
                 let t: Arc<dyn Transport> = Arc::new(t);
-                watches.push(watch);
+                watches.push(health);
                 transports.insert(url, t.clone());
                 t
             }

@@ -6,14 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use outbox_core::CancellationToken;
+use outbox_core::{CancellationToken, TransportHealth};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use crate::database::Db;
-use crate::health::Watch;
 
 /// Largest request head read.
 const MAX_HEAD: usize = 8 * 1024;
@@ -33,7 +32,7 @@ pub(crate) struct HttpState {
     /// Text of the secrets to scrub from `/health` error bodies.
     pub secrets: Vec<String>,
     /// Every transport, watched.
-    pub transports: Vec<Arc<Watch>>,
+    pub transports: Vec<Arc<TransportHealth>>,
     /// How long a transport may fail before `/health` reports it.
     pub unhealthy_after: Duration,
 }

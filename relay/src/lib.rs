@@ -7,7 +7,6 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod database;
-mod health;
 mod http;
 pub mod redact;
 pub mod target;

@@ -1,19 +1,41 @@
-//! Whether each transport delivers: every route's transport is wrapped in a
-//! [`Watched`] that remembers since when its publishes have been failing,
-//! so that `/health` can say so instead of answering `ok` while a broker is
-//! down.
+//! Whether a transport delivers: [`WatchedTransport`] wraps a transport and
+//! keeps, in a shared [`TransportHealth`], since when every publish has been
+//! failing, so that a health check can say so instead of answering `ok`
+//! while a broker is down. The `outbox-relay` binary's `/health` uses it;
+//! an application that embeds a relay can do the same:
+//!
+//! ```no_run
+//! use std::{sync::Arc, time::Duration};
+//! use outbox_core::{Transport, WatchedTransport};
+//!
+//! fn watch(nats: Arc<dyn Transport>) -> Arc<dyn Transport> {
+//!     let (watched, health) = WatchedTransport::new(nats, "nats://127.0.0.1:4222");
+//!     tokio::spawn(async move {
+//!         loop {
+//!             tokio::time::sleep(Duration::from_secs(10)).await;
+//!             if let Some(why) = health.failing(Duration::from_secs(60)) {
+//!                 eprintln!("unhealthy: {why}");
+//!             }
+//!         }
+//!     });
+//!     Arc::new(watched)
+//! }
+//! ```
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use outbox_core::{Message, PublishResult, Result, Transport};
 
-/// What one transport has been doing.
+use crate::error::Result;
+use crate::message::Message;
+use crate::transport::{PublishResult, Transport};
+
+/// What one transport has been doing, shared with its [`WatchedTransport`].
 #[derive(Debug)]
-pub(crate) struct Watch {
-    /// The transport URL, credentials hidden.
-    url: String,
+pub struct TransportHealth {
+    /// How the transport is named in reports (a URL without credentials).
+    name: String,
     state: Mutex<State>,
 }
 
@@ -25,24 +47,26 @@ struct State {
     last_error: Option<String>,
 }
 
-impl Watch {
-    fn new(url: String) -> Self {
-        Watch {
-            url,
+impl TransportHealth {
+    fn new(name: String) -> Self {
+        TransportHealth {
+            name,
             state: Mutex::new(State::default()),
         }
     }
 
     /// `Some(why)` when every publish for at least `after` has failed with
-    /// a transient error (a broker or network problem, not a bad message).
-    pub(crate) fn failing(&self, after: Duration) -> Option<String> {
+    /// a transient error (a broker or network problem, not a bad message);
+    /// `why` names the transport, says for how long and gives the latest
+    /// error. `None` before any publish and after any delivery.
+    pub fn failing(&self, after: Duration) -> Option<String> {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let since = state.failing_since?;
         let failing_for = since.elapsed();
         (failing_for >= after).then(|| {
             format!(
                 "transport {} failing for {} s: {}",
-                self.url,
+                self.name,
                 failing_for.as_secs(),
                 state.last_error.as_deref().unwrap_or("unknown error")
             )
@@ -68,35 +92,47 @@ impl Watch {
     }
 }
 
-/// A transport whose outcomes feed a [`Watch`].
-pub(crate) struct Watched {
+/// A transport whose outcomes feed a [`TransportHealth`]; otherwise it is
+/// the transport it wraps (same name, results and flush).
+pub struct WatchedTransport {
     inner: Arc<dyn Transport>,
-    watch: Arc<Watch>,
+    health: Arc<TransportHealth>,
 }
 
-impl Watched {
-    /// Wraps `inner`, reachable at `url` (credentials already hidden).
-    pub(crate) fn new(inner: Arc<dyn Transport>, url: String) -> (Self, Arc<Watch>) {
-        let watch = Arc::new(Watch::new(url));
+impl std::fmt::Debug for WatchedTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchedTransport")
+            .field("transport", &self.inner.name())
+            .field("health", &self.health)
+            .finish()
+    }
+}
+
+impl WatchedTransport {
+    /// Wraps `inner`, named `name` in reports (a URL: hide its credentials
+    /// first). Returns the transport to hand to the relay or a router, and
+    /// the health to read.
+    pub fn new(inner: Arc<dyn Transport>, name: impl Into<String>) -> (Self, Arc<TransportHealth>) {
+        let health = Arc::new(TransportHealth::new(name.into()));
         (
-            Watched {
+            WatchedTransport {
                 inner,
-                watch: watch.clone(),
+                health: health.clone(),
             },
-            watch,
+            health,
         )
     }
 }
 
 #[async_trait]
-impl Transport for Watched {
+impl Transport for WatchedTransport {
     fn name(&self) -> &str {
         self.inner.name()
     }
 
     async fn publish_batch(&self, messages: &[Message]) -> Vec<PublishResult> {
         let results = self.inner.publish_batch(messages).await;
-        self.watch.record(&results);
+        self.health.record(&results);
         results
     }
 
@@ -113,7 +149,7 @@ impl Transport for Watched {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use outbox_core::{Error, ErrorKind};
+    use crate::error::{Error, ErrorKind};
 
     fn transient() -> PublishResult {
         Err(Error::transient(
@@ -128,7 +164,7 @@ mod tests {
 
     #[test]
     fn failing_after_the_threshold_until_a_success() {
-        let w = Watch::new("nats://127.0.0.1:4222".into());
+        let w = TransportHealth::new("nats://127.0.0.1:4222".into());
         assert_eq!(w.failing(Duration::ZERO), None, "nothing published yet");
         w.record(&[Ok(()), Ok(())]);
         assert_eq!(w.failing(Duration::ZERO), None);
@@ -150,7 +186,7 @@ mod tests {
 
     #[test]
     fn a_bad_message_does_not_make_the_broker_unhealthy() {
-        let w = Watch::new("redis://127.0.0.1:6379".into());
+        let w = TransportHealth::new("redis://127.0.0.1:6379".into());
         w.record(&[permanent()]);
         assert_eq!(w.failing(Duration::ZERO), None);
         w.record(&[]);
@@ -163,7 +199,7 @@ mod tests {
 
     #[test]
     fn the_failure_keeps_its_start_time() {
-        let w = Watch::new("amqp://127.0.0.1:5672".into());
+        let w = TransportHealth::new("amqp://127.0.0.1:5672".into());
         w.record(&[transient()]);
         std::thread::sleep(Duration::from_millis(30));
         w.record(&[transient()]);
