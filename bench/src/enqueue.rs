@@ -1,6 +1,7 @@
 //! Phase 5: what the outbox costs the business transactions: 16 writers in
 //! a closed loop, each transaction inserting one business row, without an
-//! outbox message, with one, and with one plus NOTIFY.
+//! outbox message, with one, with one plus NOTIFY, and with one plus
+//! `Outbox::wake` after the commit.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +22,8 @@ enum Variant {
     Plain,
     Outbox,
     Notify,
+    /// `Outbox::wake` after each commit (no relay waits: one read).
+    Wake,
     /// Diagnostic: the same outbox row written by a plain one-row
     /// `INSERT ... VALUES`, not through `Outbox::enqueue`.
     RawInsert,
@@ -41,14 +44,19 @@ pub struct EnqueueCost {
     pub outbox_cost_pct: f64,
     /// 1 - notify / plain, in percent.
     pub outbox_notify_cost_pct: f64,
+    /// The outbox insert plus `Outbox::wake` after the commit, with no relay
+    /// waiting (as while relays are busy): one small read, no NOTIFY.
+    pub outbox_wake_tx_per_s: f64,
+    /// 1 - wake / plain, in percent.
+    pub outbox_wake_cost_pct: f64,
     /// Diagnostic: the same outbox row by a hand-written one-row
     /// `INSERT ... VALUES` instead of `Outbox::enqueue`.
     pub raw_insert_tx_per_s: f64,
     /// 1 - raw insert / plain, in percent.
     pub raw_insert_cost_pct: f64,
     /// Every run in order (variant, tx/s): runs go plain, outbox, raw,
-    /// notify, notify, raw, outbox, plain; each variant's two runs are
-    /// averaged.
+    /// wake, notify, notify, wake, raw, outbox, plain; each variant's two
+    /// runs are averaged.
     pub runs: Vec<(String, f64)>,
     /// Where CPU went over all runs.
     pub cpu: CpuUse,
@@ -70,8 +78,10 @@ pub async fn run(ctx: &Ctx) -> BoxResult<EnqueueCost> {
             Variant::Plain,
             Variant::Outbox,
             Variant::RawInsert,
+            Variant::Wake,
             Variant::Notify,
             Variant::Notify,
+            Variant::Wake,
             Variant::RawInsert,
             Variant::Outbox,
             Variant::Plain,
@@ -94,6 +104,7 @@ pub async fn run(ctx: &Ctx) -> BoxResult<EnqueueCost> {
         let plain = mean(Variant::Plain);
         let outbox = mean(Variant::Outbox);
         let notify = mean(Variant::Notify);
+        let wake = mean(Variant::Wake);
         let raw = mean(Variant::RawInsert);
         let cost = |x: f64| {
             if plain > 0.0 {
@@ -109,6 +120,8 @@ pub async fn run(ctx: &Ctx) -> BoxResult<EnqueueCost> {
             outbox_notify_tx_per_s: round(notify, 0),
             outbox_cost_pct: cost(outbox),
             outbox_notify_cost_pct: cost(notify),
+            outbox_wake_tx_per_s: round(wake, 0),
+            outbox_wake_cost_pct: cost(wake),
             raw_insert_tx_per_s: round(raw, 0),
             raw_insert_cost_pct: cost(raw),
             runs: runs
@@ -178,6 +191,9 @@ async fn writers(
                     }
                 }
                 tx.commit().await?;
+                if v == Variant::Wake {
+                    outbox.wake(&mut *conn).await?;
+                }
                 n += 1;
             }
             Ok::<_, crate::BoxError>(n)

@@ -26,7 +26,7 @@ const LONG_POLL: Duration = Duration::from_secs(10);
 /// One latency run.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct LatencyRun {
-    /// `notify` or `polling`.
+    /// `notify`, `wake` or `polling`.
     pub mode: String,
     /// The relay's poll interval (ms).
     pub poll_interval_ms: u64,
@@ -65,11 +65,36 @@ struct Produced {
     lag: Duration,
 }
 
-/// One run at `load` tx/s, `notify` or polling.
-pub async fn run(ctx: &Ctx, notify: bool, load: u32) -> BoxResult<LatencyRun> {
-    let mode = if notify { "notify" } else { "polling" };
+/// How producers wake the relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wakeup {
+    /// NOTIFY in every enqueuing transaction (`Outbox::notify(true)`).
+    Notify,
+    /// `Outbox::wake` after each commit: a NOTIFY only while the relay waits.
+    Wake,
+    /// Nothing: the relay's poll interval.
+    Polling,
+}
+
+impl Wakeup {
+    /// Every mode, in report order.
+    pub const ALL: [Wakeup; 3] = [Wakeup::Notify, Wakeup::Wake, Wakeup::Polling];
+
+    /// The name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Wakeup::Notify => "notify",
+            Wakeup::Wake => "wake",
+            Wakeup::Polling => "polling",
+        }
+    }
+}
+
+/// One run at `load` tx/s with the given wakeup.
+pub async fn run(ctx: &Ctx, wakeup: Wakeup, load: u32) -> BoxResult<LatencyRun> {
+    let mode = wakeup.name();
     let table = ctx.db.outbox(&format!("lat_{mode}_{load}")).await?;
-    let result = measure(ctx, notify, load, &table).await;
+    let result = measure(ctx, wakeup, load, &table).await;
     ctx.db.drop(&table.schema).await;
     result.map(|mut r| {
         r.mode = mode.to_string();
@@ -79,7 +104,7 @@ pub async fn run(ctx: &Ctx, notify: bool, load: u32) -> BoxResult<LatencyRun> {
 
 async fn measure(
     ctx: &Ctx,
-    notify: bool,
+    wakeup: Wakeup,
     load: u32,
     table: &crate::db::Table,
 ) -> BoxResult<LatencyRun> {
@@ -118,9 +143,15 @@ async fn measure(
     let relay_pool = ctx.db.pool("outbox-bench-lat-relay", 4).await?;
     let store = PgStore::with_config(
         relay_pool.clone(),
-        StoreConfig::default().table(&table.name)?.listen(notify),
+        StoreConfig::default()
+            .table(&table.name)?
+            .listen(wakeup != Wakeup::Polling),
     );
-    let poll = if notify { LONG_POLL } else { POLL };
+    let poll = if wakeup == Wakeup::Polling {
+        POLL
+    } else {
+        LONG_POLL
+    };
     let relay = Relay::builder(Arc::new(store), ctx.brokers.core_nats().await?)
         .batch_size(ctx.opts.batch)
         .poll_interval(poll)
@@ -138,7 +169,9 @@ async fn measure(
         .db
         .pool("outbox-bench-lat-producer", PRODUCERS as u32)
         .await?;
-    let outbox = Outbox::new().table(&table.name)?.notify(notify);
+    let outbox = Outbox::new()
+        .table(&table.name)?
+        .notify(wakeup == Wakeup::Notify);
     let period = Duration::from_secs_f64(PRODUCERS as f64 / f64::from(load));
     ctx.rec.reset();
     let c0 = sys::sample();
@@ -175,6 +208,9 @@ async fn measure(
                 outbox.enqueue(&mut *tx, &m).await?;
                 let before_commit = Instant::now();
                 tx.commit().await?;
+                if wakeup == Wakeup::Wake {
+                    outbox.wake(&mut *conn).await?;
+                }
                 out.push(Produced {
                     id: m.id,
                     before_commit,

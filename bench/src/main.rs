@@ -216,11 +216,11 @@ async fn phases(ctx: &Ctx, results: &mut Results, started: Instant) {
     }
 
     if o.runs("latency") {
-        for notify in [true, false] {
+        for wakeup in latency::Wakeup::ALL {
             for &load in &o.loads {
-                let mode = if notify { "NOTIFY" } else { "polling" };
+                let mode = wakeup.name();
                 log(started, &format!("latency: {mode}, {load} tx/s"));
-                match latency::run(ctx, notify, load).await {
+                match latency::run(ctx, wakeup, load).await {
                     Ok(r) => {
                         eprintln!(
                             "  p50 {:.2} ms, p99 {:.2} ms, achieved {:.0}/s",

@@ -378,6 +378,12 @@ impl Results {
             );
             let _ = writeln!(
                 s,
+                "| + outbox insert + `wake` after commit (no relay waiting) | {} | {:.1} % |",
+                fmt_rate(e.outbox_wake_tx_per_s),
+                e.outbox_wake_cost_pct
+            );
+            let _ = writeln!(
+                s,
                 "| diagnostic: + the same row by a one-row INSERT ... VALUES | {} | {:.1} % |",
                 fmt_rate(e.raw_insert_tx_per_s),
                 e.raw_insert_cost_pct
@@ -788,6 +794,10 @@ impl Results {
                 (
                     format!("+ outbox, NOTIFY ({:.0} %)", e.outbox_notify_cost_pct),
                     vec![(0, e.outbox_notify_tx_per_s)],
+                ),
+                (
+                    format!("+ outbox, wake ({:.0} %)", e.outbox_wake_cost_pct),
+                    vec![(0, e.outbox_wake_tx_per_s)],
                 ),
             ];
             let max = e

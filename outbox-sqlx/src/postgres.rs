@@ -102,6 +102,11 @@ CREATE TABLE IF NOT EXISTS {t}_blocked (
     PRIMARY KEY (msg_key, seq)
 );
 CREATE SEQUENCE IF NOT EXISTS {t}_token;
+-- Relays waiting for a wakeup (see `Outbox::wake`), until their entry expires.
+CREATE TABLE IF NOT EXISTS {t}_waiting (
+    waiter TEXT PRIMARY KEY,
+    until  TIMESTAMPTZ NOT NULL
+);
 "#,
         mask = PARTITIONS - 1,
         last = PARTITIONS - 1,
@@ -204,6 +209,36 @@ impl Enqueue for PgConnection {
     }
 }
 
+impl Outbox {
+    /// PostgreSQL: wakes a relay that waits for work, for a transaction
+    /// that enqueued without NOTIFY (`notify(false)`, the default). Call it
+    /// after the commit, on any connection or the pool: it reads
+    /// `<table>_waiting` and sends a NOTIFY only while some relay's store
+    /// (with `listen` on) waits there. A busy relay withdraws its entry, so
+    /// under load this costs one small read per business transaction
+    /// instead of NOTIFY's database-wide lock through every commit.
+    ///
+    /// No wakeup is lost: a relay writes its entry before it claims one
+    /// last time and waits, so a transaction that committed before the
+    /// entry is seen by that claim, and one whose `wake` reads after the
+    /// entry finds it. Errors are the store's; a failed `wake` loses no
+    /// message (the relay's poll finds it).
+    pub async fn wake<'c, E>(&self, executor: E) -> Result<()>
+    where
+        E: sqlx::PgExecutor<'c>,
+    {
+        let t = self.table_name().qualified("");
+        sqlx::query(&format!(
+            "SELECT pg_notify($1, '') FROM {t}_waiting WHERE until > now() LIMIT 1"
+        ))
+        .bind(self.table_name().channel())
+        .execute(executor)
+        .await
+        .map_err(err("wake"))?;
+        Ok(())
+    }
+}
+
 /// Binds the NOTIFY channel ($8) when NOTIFY is on.
 fn wake<'q>(
     query: sqlx::query::Query<'q, sqlx::Postgres, PgArguments>,
@@ -261,9 +296,62 @@ struct Inner {
     claims: std::sync::Mutex<HashMap<String, HeldClaims>>,
     wakeup: Arc<Notify>,
     listener: Option<tokio::task::JoinHandle<()>>,
+    waiting: Waiting,
+}
+
+/// This store's entry in `<table>_waiting`: present while one of its relays
+/// waits for work, so that `Outbox::wake` sends a NOTIFY only then.
+struct Waiting {
+    /// This store's name in the table.
+    id: String,
+    /// True while the LISTEN connection is up: an entry is written only
+    /// then (a NOTIFY sent while nobody listens is lost).
+    listening: Arc<std::sync::atomic::AtomicBool>,
+    /// Relays of this store inside `notified()` now.
+    waiters: std::sync::atomic::AtomicUsize,
+    /// When the entry was last written; `None` when there is none.
+    written: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Since when claims have kept returning messages.
+    busy_since: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// How long an entry lives unless renewed (a relay that dies leaves one).
+const WAITING_TTL: Duration = Duration::from_secs(60);
+/// How often a waiting relay renews its entry.
+const WAITING_RENEW: Duration = Duration::from_secs(20);
+/// How long claims must keep returning messages before the entry goes, so
+/// that a relay between two small batches is not announced and withdrawn
+/// every time.
+const BUSY_BEFORE_WITHDRAW: Duration = Duration::from_millis(250);
+
+/// Counts a relay inside `notified()` for as long as it is there.
+struct Waiter<'a>(&'a Waiting);
+
+impl<'a> Waiter<'a> {
+    fn enter(waiting: &'a Waiting) -> Self {
+        waiting
+            .waiters
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Waiter(waiting)
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.0
+            .waiters
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Inner {
+    fn lock_written(&self) -> std::sync::MutexGuard<'_, Option<std::time::Instant>> {
+        self.waiting
+            .written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, HeldClaims>> {
         self.claims.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -331,6 +419,8 @@ impl std::fmt::Debug for PgStore {
 
 /// Statements, built once from the validated table name.
 struct Sql {
+    announce: String,
+    withdraw: String,
     claim: String,
     claim_ahead: String,
     settle: String,
@@ -415,6 +505,12 @@ impl Sql {
             )
         };
         Sql {
+            announce: format!(
+                "INSERT INTO {t}_waiting (waiter, until) \
+                 VALUES ($1, now() + make_interval(secs => $2)) \
+                 ON CONFLICT (waiter) DO UPDATE SET until = EXCLUDED.until"
+            ),
+            withdraw: format!("DELETE FROM {t}_waiting WHERE waiter = $1"),
             claim: claim(""),
             claim_ahead: claim("AND NOT (t.id = ANY($4::uuid[]))"),
             // `cardinality(..) > 0` lets the planner drop the parts of a
@@ -481,11 +577,13 @@ impl PgStore {
     /// it needs a tokio runtime.
     pub fn with_config(pool: PgPool, config: StoreConfig) -> Self {
         let wakeup = Arc::new(Notify::new());
+        let listening = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let listener = config.listen.then(|| {
             tokio::spawn(listen(
                 pool.clone(),
                 config.table.channel(),
                 Arc::downgrade(&wakeup),
+                listening.clone(),
             ))
         });
         PgStore {
@@ -497,6 +595,13 @@ impl PgStore {
                 claims: std::sync::Mutex::default(),
                 wakeup,
                 listener,
+                waiting: Waiting {
+                    id: format!("{}-{}", std::process::id(), Uuid::now_v7()),
+                    listening,
+                    waiters: std::sync::atomic::AtomicUsize::new(0),
+                    written: std::sync::Mutex::new(None),
+                    busy_since: std::sync::Mutex::new(None),
+                },
             }),
         }
     }
@@ -624,6 +729,7 @@ impl PgStore {
         }
         batch.sort_unstable_by_key(|(seq, _)| *seq);
         let messages: Vec<Message> = batch.into_iter().map(|(_, m)| m).collect();
+        self.busy(!messages.is_empty()).await;
         let token = u64::try_from(token).unwrap_or(0);
         if !messages.is_empty() {
             self.inner.owners.update(owner, |s| {
@@ -640,6 +746,70 @@ impl PgStore {
             },
             messages,
         })
+    }
+
+    /// Writes or renews this store's waiting entry; false when it could
+    /// not (the relay then waits for its poll interval, as without it).
+    async fn announce(&self) -> bool {
+        let inner = &self.inner;
+        let written = sqlx::query(&inner.sql.announce)
+            .bind(&inner.waiting.id)
+            .bind(secs(WAITING_TTL))
+            .execute(&inner.pool)
+            .await;
+        match written {
+            Ok(_) => {
+                *inner.lock_written() = Some(std::time::Instant::now());
+                true
+            }
+            Err(e) => {
+                debug!(error = %e, "could not announce a waiting relay");
+                false
+            }
+        }
+    }
+
+    /// After a claim: once claims have kept finding messages for a while
+    /// and no relay of this store waits, the waiting entry goes, and
+    /// `Outbox::wake` stops sending NOTIFYs.
+    async fn busy(&self, found: bool) {
+        let inner = &self.inner;
+        let waiting = &inner.waiting;
+        let since = {
+            let mut since = waiting.busy_since.lock().unwrap_or_else(|p| p.into_inner());
+            if !found {
+                *since = None;
+                return;
+            }
+            *since.get_or_insert_with(std::time::Instant::now)
+        };
+        if since.elapsed() >= BUSY_BEFORE_WITHDRAW {
+            self.withdraw().await;
+        }
+    }
+
+    /// Deletes the waiting entry, unless there is none or a relay of this
+    /// store waits now.
+    async fn withdraw(&self) {
+        let inner = &self.inner;
+        let waiting = &inner.waiting;
+        if waiting.waiters.load(std::sync::atomic::Ordering::SeqCst) > 0
+            || inner.lock_written().is_none()
+        {
+            return;
+        }
+        let gone = sqlx::query(&inner.sql.withdraw)
+            .bind(&waiting.id)
+            .execute(&inner.pool)
+            .await;
+        match gone {
+            Ok(_) => {
+                *inner.lock_written() = None;
+                // A lane that started waiting meanwhile announces again.
+                inner.wakeup.notify_waiters();
+            }
+            Err(e) => debug!(error = %e, "could not withdraw the waiting entry"),
+        }
     }
 
     fn row_to_message(row: &PgRow) -> Result<(i64, Message)> {
@@ -685,9 +855,16 @@ fn rebalance_every(lease: Duration) -> Duration {
 const SELECTOR_FILTER: &str =
     "AND ($1::text IS NULL OR topic = $1) AND ($2::uuid[] IS NULL OR id = ANY($2))";
 
-async fn listen(pool: PgPool, channel: String, wakeup: std::sync::Weak<Notify>) {
+async fn listen(
+    pool: PgPool,
+    channel: String,
+    wakeup: std::sync::Weak<Notify>,
+    listening: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
     let mut failures = 0u32;
     loop {
+        listening.store(false, Ordering::SeqCst);
         let mut listener = match PgListener::connect_with(&pool).await {
             Ok(l) => l,
             Err(e) => {
@@ -703,6 +880,13 @@ async fn listen(pool: PgPool, channel: String, wakeup: std::sync::Weak<Notify>) 
             continue;
         }
         failures = 0;
+        listening.store(true, Ordering::SeqCst);
+        // A relay that began waiting before LISTEN was up wrote no waiting
+        // entry: wake it, so that it claims and waits again with one.
+        match wakeup.upgrade() {
+            Some(w) => w.notify_one(),
+            None => return,
+        }
         loop {
             match listener.try_recv().await {
                 Ok(Some(_)) => {}
@@ -710,6 +894,7 @@ async fn listen(pool: PgPool, channel: String, wakeup: std::sync::Weak<Notify>) 
                 // missed, so wake the relay, and reconnect on the next call.
                 Ok(None) => {}
                 Err(e) => {
+                    listening.store(false, Ordering::SeqCst);
                     warn!(error = %e, "outbox LISTEN connection lost; reconnecting");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     break;
@@ -832,7 +1017,41 @@ impl Store for PgStore {
     }
 
     async fn notified(&self) {
-        self.inner.wakeup.notified().await
+        let inner = &self.inner;
+        let waiting = &inner.waiting;
+        if !waiting.listening.load(std::sync::atomic::Ordering::SeqCst) {
+            return inner.wakeup.notified().await;
+        }
+        let _counted = Waiter::enter(waiting);
+        // Without a live entry, write it and return at once: the relay
+        // claims once more and so sees every transaction that committed
+        // before the entry did; one that commits after it finds the entry
+        // in `Outbox::wake` and sends a NOTIFY. An entry older than the
+        // renewal period counts as gone (it may have expired meanwhile).
+        let live = inner
+            .lock_written()
+            .is_some_and(|t| t.elapsed() < WAITING_RENEW);
+        if !live {
+            if self.announce().await {
+                return;
+            }
+            return inner.wakeup.notified().await;
+        }
+        loop {
+            let due = inner.lock_written().map_or(Duration::ZERO, |t| {
+                WAITING_RENEW.saturating_sub(t.elapsed())
+            });
+            tokio::select! {
+                _ = inner.wakeup.notified() => return,
+                _ = tokio::time::sleep(due) => {
+                    if !self.announce().await {
+                        // The database is not answering: wait as without
+                        // an entry (the relay's poll still runs).
+                        return inner.wakeup.notified().await;
+                    }
+                }
+            }
+        }
     }
 
     async fn stats(&self) -> Result<Option<Stats>> {
@@ -869,6 +1088,8 @@ impl Store for PgStore {
             .await
             .map_err(err("leave"))?;
         }
+        // A stopped relay waits for nothing: `wake` stops sending NOTIFYs.
+        self.withdraw().await;
         sqlx::query(&format!("DELETE FROM {t}_relays WHERE owner = $1"))
             .bind(owner.as_str())
             .execute(&self.inner.pool)

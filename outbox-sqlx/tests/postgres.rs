@@ -347,3 +347,170 @@ async fn notify_goes_with_every_enqueue_shape_and_not_with_a_rollback() {
     assert_eq!(next.payload(), "marker", "the rollback sent no NOTIFY");
     assert_eq!(count(&pool, &outbox).await, rows);
 }
+
+/// `Outbox::wake` (after commit, NOTIFY off): nothing is sent while no
+/// relay waits; a waiting relay (polling only once an hour) is woken by it;
+/// a relay that stays busy withdraws its entry and writes it again once
+/// idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wake_reaches_a_waiting_relay_and_sends_nothing_otherwise() {
+    use outbox_core::testing::ScriptedTransport;
+    use std::time::{Duration, Instant};
+    let Some(pool) = pool(8).await else { return };
+    let (store, outbox) = fresh(&pool, StoreConfig::default()).await;
+    let channel = outbox.table_name().channel();
+    let waiting = format!(
+        "SELECT count(*) FROM {}_waiting WHERE until > now()",
+        outbox.table_name().qualified("")
+    );
+    let entries = |pool: sqlx::PgPool, sql: String| async move {
+        sqlx::query_scalar::<_, i64>(&sql)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener.listen(&channel).await.unwrap();
+    let commit = |ms: Vec<Message>| {
+        let pool = pool.clone();
+        let outbox = outbox.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            outbox.enqueue_batch(&mut *tx, &ms).await.unwrap();
+            tx.commit().await.unwrap();
+            outbox.wake(&pool).await.unwrap();
+        }
+    };
+    let msg = || Message::builder("t.wake", "x").build().unwrap();
+
+    // No relay waits: wake reads and sends nothing.
+    commit(vec![msg()]).await;
+    sqlx::query("SELECT pg_notify($1, 'marker')")
+        .bind(&channel)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.payload(), "marker", "no NOTIFY while nobody waits");
+
+    // A relay that polls once an hour: only a NOTIFY can wake it once idle.
+    let slow = ScriptedTransport::new().slow(Duration::from_millis(40));
+    let rec = slow.recorder().clone();
+    let relay = Relay::builder(Arc::new(store), Arc::new(slow))
+        .poll_interval(Duration::from_secs(3_600))
+        .batch_size(200)
+        .build()
+        .unwrap();
+    let cancel = outbox_core::CancellationToken::new();
+    let run = tokio::spawn({
+        let c = cancel.clone();
+        async move { relay.run(c).await }
+    });
+    assert_eq!(rec.wait_for(1, Duration::from_secs(10)).await, 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while entries(pool.clone(), waiting.clone()).await < 1 {
+        assert!(Instant::now() < deadline, "the idle relay wrote no entry");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The relay claims once more after writing its entry, then waits; give
+    // that claim time to finish, so that only a NOTIFY can deliver the next.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    commit(vec![msg()]).await;
+    assert_eq!(
+        rec.wait_for(2, Duration::from_secs(10)).await,
+        2,
+        "woken by wake's NOTIFY"
+    );
+
+    // Busy for about a second (25 batches of 40 ms): the entry goes.
+    commit((0..5_000).map(|_| msg()).collect()).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut withdrawn = false;
+    while rec.len() < 5_002 && Instant::now() < deadline {
+        withdrawn |= entries(pool.clone(), waiting.clone()).await == 0;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(withdrawn, "a busy relay withdraws its entry");
+    assert_eq!(rec.wait_for(5_002, Duration::from_secs(20)).await, 5_002);
+    // Idle again: the entry is back and wake still reaches the relay.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while entries(pool.clone(), waiting.clone()).await < 1 {
+        assert!(Instant::now() < deadline, "no entry once idle again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    commit(vec![msg()]).await;
+    assert_eq!(rec.wait_for(5_003, Duration::from_secs(10)).await, 5_003);
+    cancel.cancel();
+    run.await.unwrap();
+}
+
+/// No wakeup is lost at the moment a relay goes idle: 30 rounds, each
+/// keeping the relay busy long enough to withdraw its entry, then four
+/// writers committing and calling `wake` at random moments while it
+/// finishes and writes its entry again; every round must be delivered
+/// within seconds although the relay polls only once an hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wake_loses_no_wakeup_while_the_relay_goes_idle() {
+    use outbox_core::testing::ScriptedTransport;
+    use std::time::Duration;
+    let Some(pool) = pool(12).await else { return };
+    let (store, outbox) = fresh(&pool, StoreConfig::default()).await;
+    let slow = ScriptedTransport::new().slow(Duration::from_millis(40));
+    let rec = slow.recorder().clone();
+    let relay = Relay::builder(Arc::new(store), Arc::new(slow))
+        .poll_interval(Duration::from_secs(3_600))
+        .batch_size(100)
+        .build()
+        .unwrap();
+    let cancel = outbox_core::CancellationToken::new();
+    let run = tokio::spawn({
+        let c = cancel.clone();
+        async move { relay.run(c).await }
+    });
+    let msg = || Message::builder("t.race", "x").build().unwrap();
+    let mut rng = fastrand::Rng::with_seed(8);
+    let mut sent = 0;
+    for round in 0..30 {
+        // About 320 ms of publishing: the relay withdraws its entry.
+        let busy: Vec<Message> = (0..800).map(|_| msg()).collect();
+        let mut tx = pool.begin().await.unwrap();
+        outbox.enqueue_batch(&mut *tx, &busy).await.unwrap();
+        tx.commit().await.unwrap();
+        outbox.wake(&pool).await.unwrap();
+        sent += busy.len();
+        assert_eq!(rec.wait_for(sent, Duration::from_secs(20)).await, sent);
+        // Now it settles, claims nothing and writes its entry again.
+        let writers: Vec<_> = (0..4)
+            .map(|_| {
+                let pause = Duration::from_micros(rng.u64(0..6_000));
+                let pool = pool.clone();
+                let outbox = outbox.clone();
+                let m = msg();
+                tokio::spawn(async move {
+                    tokio::time::sleep(pause).await;
+                    let mut tx = pool.begin().await.unwrap();
+                    outbox.enqueue(&mut *tx, &m).await.unwrap();
+                    tx.commit().await.unwrap();
+                    outbox.wake(&pool).await.unwrap();
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap();
+        }
+        sent += 4;
+        assert_eq!(
+            rec.wait_for(sent, Duration::from_secs(10)).await,
+            sent,
+            "round {round}: a wakeup was lost"
+        );
+    }
+    cancel.cancel();
+    run.await.unwrap();
+}
