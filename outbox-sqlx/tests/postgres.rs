@@ -219,11 +219,7 @@ async fn notify_wakes_the_relay_and_the_listener_reconnects() {
         .poll_interval(Duration::from_secs(3_600))
         .build()
         .unwrap();
-    let cancel = outbox_core::CancellationToken::new();
-    let run = tokio::spawn({
-        let c = cancel.clone();
-        async move { relay.run(c).await }
-    });
+    let running = relay.spawn();
     // The relay claims once at start, then only NOTIFY can wake it.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let send = |n: usize| {
@@ -278,8 +274,27 @@ async fn notify_wakes_the_relay_and_the_listener_reconnects() {
         2,
         "woken again after reconnecting"
     );
-    cancel.cancel();
-    run.await.unwrap();
+    running.stop().await;
+}
+
+/// Sends a marker NOTIFY on `channel` and checks that it is the next one
+/// the listener hears: nothing was sent before it.
+async fn nothing_before_a_marker(
+    pool: &sqlx::PgPool,
+    listener: &mut sqlx::postgres::PgListener,
+    channel: &str,
+    what: &str,
+) {
+    sqlx::query("SELECT pg_notify($1, 'marker')")
+        .bind(channel)
+        .execute(pool)
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(std::time::Duration::from_secs(10), listener.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.payload(), "marker", "{what}");
 }
 
 /// NOTIFY rides in the enqueue statement itself, in each of its four
@@ -335,16 +350,14 @@ async fn notify_goes_with_every_enqueue_shape_and_not_with_a_rollback() {
     outbox.enqueue(&mut *tx, &plain("g")).await.unwrap();
     tx.rollback().await.unwrap();
     // A marker NOTIFY sent after the rollback must be the next one heard.
-    sqlx::query("SELECT pg_notify($1, 'marker')")
-        .bind(outbox.table_name().channel())
-        .execute(&pool)
-        .await
-        .unwrap();
-    let next = tokio::time::timeout(Duration::from_secs(10), listener.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(next.payload(), "marker", "the rollback sent no NOTIFY");
+    let channel = outbox.table_name().channel();
+    nothing_before_a_marker(
+        &pool,
+        &mut listener,
+        &channel,
+        "the rollback sent no NOTIFY",
+    )
+    .await;
     assert_eq!(count(&pool, &outbox).await, rows);
 }
 
@@ -369,6 +382,18 @@ async fn wake_reaches_a_waiting_relay_and_sends_nothing_otherwise() {
             .await
             .unwrap()
     };
+    async fn announced(pool: &sqlx::PgPool, sql: &str, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(pool)
+            .await
+            .unwrap()
+            < 1
+        {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
         .await
         .unwrap();
@@ -387,16 +412,13 @@ async fn wake_reaches_a_waiting_relay_and_sends_nothing_otherwise() {
 
     // No relay waits: wake reads and sends nothing.
     commit(vec![msg()]).await;
-    sqlx::query("SELECT pg_notify($1, 'marker')")
-        .bind(&channel)
-        .execute(&pool)
-        .await
-        .unwrap();
-    let next = tokio::time::timeout(Duration::from_secs(10), listener.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(next.payload(), "marker", "no NOTIFY while nobody waits");
+    nothing_before_a_marker(
+        &pool,
+        &mut listener,
+        &channel,
+        "no NOTIFY while nobody waits",
+    )
+    .await;
 
     // A relay that polls once an hour: only a NOTIFY can wake it once idle.
     let slow = ScriptedTransport::new().slow(Duration::from_millis(40));
@@ -406,17 +428,9 @@ async fn wake_reaches_a_waiting_relay_and_sends_nothing_otherwise() {
         .batch_size(200)
         .build()
         .unwrap();
-    let cancel = outbox_core::CancellationToken::new();
-    let run = tokio::spawn({
-        let c = cancel.clone();
-        async move { relay.run(c).await }
-    });
+    let running = relay.spawn();
     assert_eq!(rec.wait_for(1, Duration::from_secs(10)).await, 1);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while entries(pool.clone(), waiting.clone()).await < 1 {
-        assert!(Instant::now() < deadline, "the idle relay wrote no entry");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    announced(&pool, &waiting, "the idle relay wrote no entry").await;
     // The relay claims once more after writing its entry, then waits; give
     // that claim time to finish, so that only a NOTIFY can deliver the next.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -438,16 +452,11 @@ async fn wake_reaches_a_waiting_relay_and_sends_nothing_otherwise() {
     assert!(withdrawn, "a busy relay withdraws its entry");
     assert_eq!(rec.wait_for(5_002, Duration::from_secs(20)).await, 5_002);
     // Idle again: the entry is back and wake still reaches the relay.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while entries(pool.clone(), waiting.clone()).await < 1 {
-        assert!(Instant::now() < deadline, "no entry once idle again");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    announced(&pool, &waiting, "no entry once idle again").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     commit(vec![msg()]).await;
     assert_eq!(rec.wait_for(5_003, Duration::from_secs(10)).await, 5_003);
-    cancel.cancel();
-    run.await.unwrap();
+    running.stop().await;
 }
 
 /// No wakeup is lost at the moment a relay goes idle: 30 rounds, each
@@ -468,11 +477,7 @@ async fn wake_loses_no_wakeup_while_the_relay_goes_idle() {
         .batch_size(100)
         .build()
         .unwrap();
-    let cancel = outbox_core::CancellationToken::new();
-    let run = tokio::spawn({
-        let c = cancel.clone();
-        async move { relay.run(c).await }
-    });
+    let running = relay.spawn();
     let msg = || Message::builder("t.race", "x").build().unwrap();
     let mut rng = fastrand::Rng::with_seed(8);
     let mut sent = 0;
@@ -511,6 +516,5 @@ async fn wake_loses_no_wakeup_while_the_relay_goes_idle() {
             "round {round}: a wakeup was lost"
         );
     }
-    cancel.cancel();
-    run.await.unwrap();
+    running.stop().await;
 }
