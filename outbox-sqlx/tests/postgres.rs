@@ -376,13 +376,23 @@ async fn wake_reaches_a_waiting_relay_and_sends_nothing_otherwise() {
         "SELECT count(*) FROM {}_waiting WHERE until > now()",
         outbox.table_name().qualified("")
     );
+    // Idle: an entry is there, and the relay has claimed since writing it
+    // (the claim it makes before it waits). A claim stamps its partitions
+    // `lease_until = now() + lease` (30 s here), the entry `until = now() +
+    // 60 s`: comparing the two start times orders them.
+    let idle = format!(
+        "SELECT count(*) FROM {t}_waiting w WHERE w.until > now() \
+           AND (SELECT max(lease_until) FROM {t}_partitions) - interval '30 s' \
+               > w.until - interval '60 s'",
+        t = outbox.table_name().qualified("")
+    );
     let entries = |pool: sqlx::PgPool, sql: String| async move {
         sqlx::query_scalar::<_, i64>(&sql)
             .fetch_one(&pool)
             .await
             .unwrap()
     };
-    async fn announced(pool: &sqlx::PgPool, sql: &str, what: &str) {
+    async fn until_one(pool: &sqlx::PgPool, sql: &str, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while sqlx::query_scalar::<_, i64>(sql)
             .fetch_one(pool)
@@ -425,15 +435,14 @@ async fn wake_reaches_a_waiting_relay_and_sends_nothing_otherwise() {
     let rec = slow.recorder().clone();
     let relay = Relay::builder(Arc::new(store), Arc::new(slow))
         .poll_interval(Duration::from_secs(3_600))
+        .lease(Duration::from_secs(30))
         .batch_size(200)
         .build()
         .unwrap();
     let running = relay.spawn();
     assert_eq!(rec.wait_for(1, Duration::from_secs(10)).await, 1);
-    announced(&pool, &waiting, "the idle relay wrote no entry").await;
-    // The relay claims once more after writing its entry, then waits; give
-    // that claim time to finish, so that only a NOTIFY can deliver the next.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Only a NOTIFY can deliver what is committed from now on.
+    until_one(&pool, &idle, "the idle relay wrote no entry").await;
     commit(vec![msg()]).await;
     assert_eq!(
         rec.wait_for(2, Duration::from_secs(10)).await,
@@ -452,8 +461,7 @@ async fn wake_reaches_a_waiting_relay_and_sends_nothing_otherwise() {
     assert!(withdrawn, "a busy relay withdraws its entry");
     assert_eq!(rec.wait_for(5_002, Duration::from_secs(20)).await, 5_002);
     // Idle again: the entry is back and wake still reaches the relay.
-    announced(&pool, &waiting, "no entry once idle again").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_one(&pool, &idle, "no entry once idle again").await;
     commit(vec![msg()]).await;
     assert_eq!(rec.wait_for(5_003, Duration::from_secs(10)).await, 5_003);
     running.stop().await;

@@ -80,6 +80,21 @@ fn start_healthy(vars: &[(&str, &str)], dir: &std::path::Path, port: u16) -> (Ru
     (child, body)
 }
 
+/// SIGTERM, then exit code 0 within 20 s.
+fn stop_cleanly(child: &mut Running, dir: &std::path::Path) {
+    let (status, _) = child.terminate(20);
+    assert_eq!(status.code(), Some(0), "{}", read(&dir.join("stderr")));
+}
+
+/// Deletes a Redis stream a test wrote (best effort).
+fn drop_stream(rt: &tokio::runtime::Runtime, redis: &redis::Client, stream: &str) {
+    rt.block_on(async {
+        if let Ok(mut conn) = redis.get_multiplexed_async_connection().await {
+            let _: Result<(), _> = conn.del(stream).await;
+        }
+    });
+}
+
 fn read(path: &std::path::Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -396,15 +411,10 @@ fn sqlite_to_redis_streams() {
     let (status, metrics) = http_get(port, "/metrics").unwrap();
     assert_eq!(status, 200);
     assert!(metrics.contains("outbox_published_total"), "{metrics}");
-    let (status, _) = child.terminate(15);
-    assert_eq!(status.code(), Some(0), "{}", read(&dir.join("stderr")));
+    stop_cleanly(&mut child, &dir);
 
-    rt.block_on(async {
-        pool.close().await;
-        if let Ok(mut conn) = redis.get_multiplexed_async_connection().await {
-            let _: Result<(), _> = conn.del(&stream).await;
-        }
-    });
+    rt.block_on(pool.close());
+    drop_stream(&rt, &redis, &stream);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -490,8 +500,7 @@ fn health_reports_an_unreachable_database() {
         http_get(port, "/health").filter(|(s, _)| *s == 200)
     });
 
-    let (status, _) = child.terminate(20);
-    assert_eq!(status.code(), Some(0), "{}", read(&dir.join("stderr")));
+    stop_cleanly(&mut child, &dir);
     rt.block_on(async {
         if let Ok(pool) = sqlx::PgPool::connect(common::PG_URL).await {
             let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
@@ -566,14 +575,9 @@ fn health_reports_a_failing_transport() {
         http_get(port, "/health").filter(|(s, _)| *s == 200)
     });
 
-    let (status, _) = child.terminate(15);
-    assert_eq!(status.code(), Some(0), "{}", read(&dir.join("stderr")));
-    rt.block_on(async {
-        pool.close().await;
-        if let Ok(mut conn) = redis.get_multiplexed_async_connection().await {
-            let _: Result<(), _> = conn.del(&stream).await;
-        }
-    });
+    stop_cleanly(&mut child, &dir);
+    rt.block_on(pool.close());
+    drop_stream(&rt, &redis, &stream);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -620,8 +624,7 @@ fn mysql_to_redis_streams() {
     assert_eq!(entries[0].1, b"invoice 1");
     assert_eq!(entries[0].2.as_deref(), Some("i-1"));
 
-    let (status, _) = child.terminate(15);
-    assert_eq!(status.code(), Some(0), "{}", read(&dir.join("stderr")));
+    stop_cleanly(&mut child, &dir);
     rt.block_on(async {
         for suffix in ["", "_partitions", "_relays", "_blocked", "_token"] {
             let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {table}{suffix}"))
@@ -629,9 +632,7 @@ fn mysql_to_redis_streams() {
                 .await;
         }
         pool.close().await;
-        if let Ok(mut conn) = redis.get_multiplexed_async_connection().await {
-            let _: Result<(), _> = conn.del(&stream).await;
-        }
     });
+    drop_stream(&rt, &redis, &stream);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -64,6 +64,16 @@ enum Phase {
 
 const CHUNK: usize = 250;
 const BATCH: usize = 500;
+/// How long failed messages wait before they are published again.
+const RETRY_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Whether a stop or start command ran and succeeded (false when none ran).
+async fn finished(command: Option<tokio::task::JoinHandle<bool>>) -> bool {
+    match command {
+        Some(c) => c.await.unwrap_or(false),
+        None => false,
+    }
+}
 
 /// Publishes `all` through `transport` in calls of up to 500, retrying failed
 /// messages 200 ms later, while the server is stopped (after a third went
@@ -117,11 +127,7 @@ pub async fn restart_drill(
                 phase = Phase::Stopping;
             }
             Phase::Stopping if done(&command) => {
-                let ok = command
-                    .take()
-                    .expect("a stop command")
-                    .await
-                    .unwrap_or(false);
+                let ok = finished(command.take()).await;
                 assert!(ok, "{server} did not stop");
                 down_since = Instant::now();
                 cap = released + 1_000;
@@ -134,11 +140,7 @@ pub async fn restart_drill(
                 phase = Phase::Starting;
             }
             Phase::Starting if done(&command) => {
-                let ok = command
-                    .take()
-                    .expect("a start command")
-                    .await
-                    .unwrap_or(false);
+                let ok = finished(command.take()).await;
                 assert!(ok, "{server} did not start");
                 println!("{server} restarted after {:?} down", down_since.elapsed());
                 restarted_at = Instant::now();
@@ -185,7 +187,8 @@ pub async fn restart_drill(
         if !failed.is_empty() {
             failed.append(&mut pending);
             pending = failed;
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // The retry backoff of a relay; the loop's deadline bounds it.
+            tokio::time::sleep(RETRY_BACKOFF).await;
         }
     }
     report.elapsed = started.elapsed();
