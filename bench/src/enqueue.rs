@@ -1,7 +1,10 @@
 //! Phase 5: what the outbox costs the business transactions: 16 writers in
 //! a closed loop, each transaction inserting one business row, without an
 //! outbox message, with one, with one plus NOTIFY, and with one plus
-//! `Outbox::wake` after the commit.
+//! `Outbox::wake` after the commit. Two diagnostics show the floor: an
+//! extra `SELECT 1` (what any second statement costs), and the outbox row
+//! written inside the business INSERT's own statement (what the row costs
+//! without a round trip of its own).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +30,11 @@ enum Variant {
     /// Diagnostic: the same outbox row written by a plain one-row
     /// `INSERT ... VALUES`, not through `Outbox::enqueue`.
     RawInsert,
+    /// Diagnostic: no outbox row, a `SELECT 1` in its place.
+    Select1,
+    /// Diagnostic: the outbox row written by the business INSERT's own
+    /// statement (`WITH o AS (INSERT INTO outbox ...) INSERT INTO orders`).
+    SameStatement,
 }
 
 /// Business throughput without and with the outbox.
@@ -54,9 +62,19 @@ pub struct EnqueueCost {
     pub raw_insert_tx_per_s: f64,
     /// 1 - raw insert / plain, in percent.
     pub raw_insert_cost_pct: f64,
+    /// Diagnostic: a `SELECT 1` instead of the outbox insert (the cost of
+    /// any second statement).
+    pub select1_tx_per_s: f64,
+    /// 1 - select1 / plain, in percent.
+    pub select1_cost_pct: f64,
+    /// Diagnostic: the outbox row written in the business INSERT's own
+    /// statement (its cost without a round trip).
+    pub same_statement_tx_per_s: f64,
+    /// 1 - same statement / plain, in percent.
+    pub same_statement_cost_pct: f64,
     /// Every run in order (variant, tx/s): runs go plain, outbox, raw,
-    /// wake, notify, notify, wake, raw, outbox, plain; each variant's two
-    /// runs are averaged.
+    /// select1, same statement, wake, notify, then the same backwards;
+    /// each variant's two runs are averaged.
     pub runs: Vec<(String, f64)>,
     /// Where CPU went over all runs.
     pub cpu: CpuUse,
@@ -74,18 +92,16 @@ pub async fn run(ctx: &Ctx) -> BoxResult<EnqueueCost> {
         );
         let mut runs = Vec::new();
         let c0 = sys::sample();
-        for v in [
+        let order = [
             Variant::Plain,
             Variant::Outbox,
             Variant::RawInsert,
+            Variant::Select1,
+            Variant::SameStatement,
             Variant::Wake,
             Variant::Notify,
-            Variant::Notify,
-            Variant::Wake,
-            Variant::RawInsert,
-            Variant::Outbox,
-            Variant::Plain,
-        ] {
+        ];
+        for v in order.iter().chain(order.iter().rev()).copied() {
             let rate = writers(ctx, &pool, &table, v).await?;
             eprintln!("  {v:?}: {rate:.0} tx/s");
             runs.push((v, rate));
@@ -106,6 +122,8 @@ pub async fn run(ctx: &Ctx) -> BoxResult<EnqueueCost> {
         let notify = mean(Variant::Notify);
         let wake = mean(Variant::Wake);
         let raw = mean(Variant::RawInsert);
+        let select1 = mean(Variant::Select1);
+        let same = mean(Variant::SameStatement);
         let cost = |x: f64| {
             if plain > 0.0 {
                 round(100.0 * (1.0 - x / plain), 1)
@@ -124,6 +142,10 @@ pub async fn run(ctx: &Ctx) -> BoxResult<EnqueueCost> {
             outbox_wake_cost_pct: cost(wake),
             raw_insert_tx_per_s: round(raw, 0),
             raw_insert_cost_pct: cost(raw),
+            select1_tx_per_s: round(select1, 0),
+            select1_cost_pct: cost(select1),
+            same_statement_tx_per_s: round(same, 0),
+            same_statement_cost_pct: cost(same),
             runs: runs
                 .iter()
                 .map(|(v, r)| (format!("{v:?}").to_lowercase(), round(*r, 0)))
@@ -153,6 +175,11 @@ async fn writers(
         "INSERT INTO {} (id, topic, msg_key, payload) VALUES ($1, $2, $3, $4)",
         table.name
     ));
+    let same = Arc::new(format!(
+        "WITH o AS (INSERT INTO {} (id, topic, msg_key, payload) VALUES ($3, $4, $5, $6)) \
+         INSERT INTO {}.orders (customer, total) VALUES ($1, $2)",
+        table.name, table.schema
+    ));
     let topic = format!("bench.{}.enqueue", ctx.brokers.u);
     let duration = ctx.opts.enqueue_time;
     let start = Instant::now();
@@ -162,6 +189,7 @@ async fn writers(
         let outbox = outbox.clone();
         let insert = insert.clone();
         let raw = raw.clone();
+        let same = same.clone();
         let topic = topic.clone();
         let payload = ctx.payload.clone();
         tasks.push(tokio::spawn(async move {
@@ -169,16 +197,40 @@ async fn writers(
             let mut n = 0u64;
             while start.elapsed() < duration {
                 let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-                sqlx::query(&insert)
-                    .bind(format!("customer-{w}"))
-                    .bind(i32::try_from(n % 1000).unwrap_or(0))
-                    .execute(&mut *tx)
-                    .await?;
-                if v != Variant::Plain {
-                    let m = Message::builder(topic.as_str(), payload.clone())
+                let customer = format!("customer-{w}");
+                let total = i32::try_from(n % 1000).unwrap_or(0);
+                // Built only where a row is written: plain and select1 pay
+                // nothing for it.
+                let message = || {
+                    Message::builder(topic.as_str(), payload.clone())
                         .key(format!("customer-{w}-{}", n % 64))
-                        .build()?;
-                    if v == Variant::RawInsert {
+                        .build()
+                };
+                if v == Variant::SameStatement {
+                    let m = message()?;
+                    sqlx::query(&same)
+                        .bind(&customer)
+                        .bind(total)
+                        .bind(*m.id.as_uuid())
+                        .bind(&m.topic)
+                        .bind(m.key.as_deref())
+                        .bind(m.payload.as_ref())
+                        .execute(&mut *tx)
+                        .await?;
+                } else {
+                    sqlx::query(&insert)
+                        .bind(&customer)
+                        .bind(total)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                match v {
+                    Variant::Plain | Variant::SameStatement => {}
+                    Variant::Select1 => {
+                        sqlx::query("SELECT 1").execute(&mut *tx).await?;
+                    }
+                    Variant::RawInsert => {
+                        let m = message()?;
                         sqlx::query(&raw)
                             .bind(*m.id.as_uuid())
                             .bind(&m.topic)
@@ -186,8 +238,9 @@ async fn writers(
                             .bind(m.payload.as_ref())
                             .execute(&mut *tx)
                             .await?;
-                    } else {
-                        outbox.enqueue(&mut *tx, &m).await?;
+                    }
+                    Variant::Outbox | Variant::Notify | Variant::Wake => {
+                        outbox.enqueue(&mut *tx, &message()?).await?;
                     }
                 }
                 tx.commit().await?;

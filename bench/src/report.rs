@@ -388,6 +388,18 @@ impl Results {
                 fmt_rate(e.raw_insert_tx_per_s),
                 e.raw_insert_cost_pct
             );
+            let _ = writeln!(
+                s,
+                "| diagnostic: + `SELECT 1` instead (any second statement) | {} | {:.1} % |",
+                fmt_rate(e.select1_tx_per_s),
+                e.select1_cost_pct
+            );
+            let _ = writeln!(
+                s,
+                "| diagnostic: the row written by the business INSERT's own statement | {} | {:.1} % |",
+                fmt_rate(e.same_statement_tx_per_s),
+                e.same_statement_cost_pct
+            );
         }
 
         if !self.scale.is_empty() || !self.growth.is_empty() {
@@ -798,6 +810,10 @@ impl Results {
                 (
                     format!("+ outbox, wake ({:.0} %)", e.outbox_wake_cost_pct),
                     vec![(0, e.outbox_wake_tx_per_s)],
+                ),
+                (
+                    format!("+ SELECT 1 only ({:.0} %)", e.select1_cost_pct),
+                    vec![(0, e.select1_tx_per_s)],
                 ),
             ];
             let max = e
