@@ -16,8 +16,10 @@
 //!
 //! Claiming ahead: when the store supports [`Store::claim_ahead`] and a claim
 //! is a full batch, the relay publishes it while the store settles the claim
-//! before it and claims the next one (all three at once); a claim taken
-//! ahead releases messages of keys that failed in the two claims before it.
+//! before it and claims the next one (all three at once, the store calls on
+//! tasks of their own so that the publish's encoding does not hold up their
+//! round trips); a claim taken ahead releases messages of keys that failed
+//! in the two claims before it.
 //!
 //! Per-key order: a claim is published in waves, the first message of each
 //! key in the first wave, the second in the second, and so on (messages
