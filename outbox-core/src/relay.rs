@@ -1155,4 +1155,37 @@ mod tests {
             .is_err());
         assert!(Relay::builder(store, t).build().is_ok());
     }
+
+    // Paused clock: the sleeps below pass at once, in order.
+    #[tokio::test(start_paused = true)]
+    async fn a_detached_call_is_aborted_when_dropped() {
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let flag = finished.clone();
+        let call = detached(async move {
+            let _ = started_tx.send(());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        });
+        // Drive it until the task runs, then drop it, as a relay whose
+        // future is dropped drops its store calls.
+        let mut call = Box::pin(call);
+        tokio::select! {
+            _ = &mut call => panic!("the call finished before it was dropped"),
+            r = started => r.unwrap(),
+        }
+        drop(call);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!finished.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_store_call_is_a_transient_error() {
+        let r: Result<()> = detached(async { panic!("store bug") }).await;
+        let e = r.unwrap_err();
+        assert!(e.is_transient());
+        assert_eq!(e.kind(), ErrorKind::Other);
+        assert_eq!(detached(async { Ok(7) }).await.unwrap(), 7);
+    }
 }
