@@ -176,8 +176,8 @@ async fn writers(
         table.name
     ));
     let same = Arc::new(format!(
-        "WITH o AS (INSERT INTO {} (id, topic, msg_key, payload) VALUES ($3, $4, $5, $6)) \
-         INSERT INTO {}.orders (customer, total) VALUES ($1, $2)",
+        "WITH o AS (INSERT INTO {} (id, topic, msg_key, payload) VALUES ($1, $2, $3, $4)) \
+         INSERT INTO {}.orders (customer, total) VALUES ($5, $6)",
         table.name, table.schema
     ));
     let topic = format!("bench.{}.enqueue", ctx.brokers.u);
@@ -208,13 +208,9 @@ async fn writers(
                 };
                 if v == Variant::SameStatement {
                     let m = message()?;
-                    sqlx::query(&same)
+                    row(&same, &m)
                         .bind(&customer)
                         .bind(total)
-                        .bind(*m.id.as_uuid())
-                        .bind(&m.topic)
-                        .bind(m.key.as_deref())
-                        .bind(m.payload.as_ref())
                         .execute(&mut *tx)
                         .await?;
                 } else {
@@ -230,14 +226,7 @@ async fn writers(
                         sqlx::query("SELECT 1").execute(&mut *tx).await?;
                     }
                     Variant::RawInsert => {
-                        let m = message()?;
-                        sqlx::query(&raw)
-                            .bind(*m.id.as_uuid())
-                            .bind(&m.topic)
-                            .bind(m.key.as_deref())
-                            .bind(m.payload.as_ref())
-                            .execute(&mut *tx)
-                            .await?;
+                        row(&raw, &message()?).execute(&mut *tx).await?;
                     }
                     Variant::Outbox | Variant::Notify | Variant::Wake => {
                         outbox.enqueue(&mut *tx, &message()?).await?;
@@ -260,4 +249,17 @@ async fn writers(
     // Let autovacuum and the WAL writer catch up between runs.
     tokio::time::sleep(Duration::from_millis(500)).await;
     Ok(total as f64 / secs)
+}
+
+/// A hand-written statement with the outbox row's columns bound as $1-$4
+/// (id, topic, key, payload).
+fn row<'q>(
+    sql: &'q str,
+    m: &Message,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(sql)
+        .bind(*m.id.as_uuid())
+        .bind(m.topic.clone())
+        .bind(m.key.clone())
+        .bind(m.payload.to_vec())
 }

@@ -364,42 +364,36 @@ impl Results {
                 "| business row only | {} | - |",
                 fmt_rate(e.plain_tx_per_s)
             );
-            let _ = writeln!(
-                s,
-                "| + outbox insert | {} | {:.1} % |",
-                fmt_rate(e.outbox_tx_per_s),
-                e.outbox_cost_pct
-            );
-            let _ = writeln!(
-                s,
-                "| + outbox insert + NOTIFY | {} | {:.1} % |",
-                fmt_rate(e.outbox_notify_tx_per_s),
-                e.outbox_notify_cost_pct
-            );
-            let _ = writeln!(
-                s,
-                "| + outbox insert + `wake` after commit (no relay waiting) | {} | {:.1} % |",
-                fmt_rate(e.outbox_wake_tx_per_s),
-                e.outbox_wake_cost_pct
-            );
-            let _ = writeln!(
-                s,
-                "| diagnostic: + the same row by a one-row INSERT ... VALUES | {} | {:.1} % |",
-                fmt_rate(e.raw_insert_tx_per_s),
-                e.raw_insert_cost_pct
-            );
-            let _ = writeln!(
-                s,
-                "| diagnostic: + `SELECT 1` instead (any second statement) | {} | {:.1} % |",
-                fmt_rate(e.select1_tx_per_s),
-                e.select1_cost_pct
-            );
-            let _ = writeln!(
-                s,
-                "| diagnostic: the row written by the business INSERT's own statement | {} | {:.1} % |",
-                fmt_rate(e.same_statement_tx_per_s),
-                e.same_statement_cost_pct
-            );
+            for (variant, rate, cost) in [
+                ("+ outbox insert", e.outbox_tx_per_s, e.outbox_cost_pct),
+                (
+                    "+ outbox insert + NOTIFY",
+                    e.outbox_notify_tx_per_s,
+                    e.outbox_notify_cost_pct,
+                ),
+                (
+                    "+ outbox insert + `wake` after commit (no relay waiting)",
+                    e.outbox_wake_tx_per_s,
+                    e.outbox_wake_cost_pct,
+                ),
+                (
+                    "diagnostic: + the same row by a one-row INSERT ... VALUES",
+                    e.raw_insert_tx_per_s,
+                    e.raw_insert_cost_pct,
+                ),
+                (
+                    "diagnostic: + `SELECT 1` instead (any second statement)",
+                    e.select1_tx_per_s,
+                    e.select1_cost_pct,
+                ),
+                (
+                    "diagnostic: the row written by the business INSERT's own statement",
+                    e.same_statement_tx_per_s,
+                    e.same_statement_cost_pct,
+                ),
+            ] {
+                let _ = writeln!(s, "| {variant} | {} | {cost:.1} % |", fmt_rate(rate));
+            }
         }
 
         if !self.scale.is_empty() || !self.growth.is_empty() {
