@@ -748,8 +748,9 @@ impl Relay {
                 None
             }
         };
-        // (The claim is polled before the settle: with a store that answers
-        // at once, the claim ahead then sees the claim behind unsettled.)
+        // The claim ahead and the settle run on tasks of their own, in no
+        // fixed order: a claim ahead must leave out the claim behind
+        // whether or not its settle has finished (see `Store::claim_ahead`).
         let ((settlement, blocked), ahead, settled) = tokio::join!(publish, next, settle);
         let (inherited, behind_retry) = match behind {
             Some(b) => (b.blocked, b.soonest_retry),
@@ -1048,13 +1049,12 @@ impl RunningRelay {
     }
 }
 
-/// Wakes an idle relay a little after a retry it just scheduled is due (a
-/// little after the store's time, so the row is due).
 /// Runs a store call on a task of its own, so that its round trips go on
 /// while the relay's task does a publish's CPU work (encoding a batch of
 /// 1,000 takes about a millisecond, and a claim's replies waited for it).
 /// Dropping the returned future aborts the task, as dropping the call
-/// itself would have.
+/// itself would have. A call that panics becomes a transient error (logged
+/// and retried like any store error) instead of ending the relay.
 async fn detached<T: Send + 'static>(
     call: impl std::future::Future<Output = Result<T>> + Send + 'static,
 ) -> Result<T> {
@@ -1075,6 +1075,8 @@ async fn detached<T: Send + 'static>(
     }
 }
 
+/// Wakes an idle relay a little after a retry it just scheduled is due (a
+/// little after the store's time, so the row is due).
 fn schedule(next_retry: &mut Option<Instant>, delay: Option<Duration>) {
     if let Some(delay) = delay {
         let due = Instant::now() + delay + Duration::from_millis(5);

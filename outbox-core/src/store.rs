@@ -244,7 +244,9 @@ pub trait Store: Send + Sync {
     /// valid (both settle), and it may hand out later messages of keys that
     /// have a message in `outstanding`. The relay publishes those only after
     /// the earlier ones are acknowledged and releases them when an earlier
-    /// one failed.
+    /// one failed. The relay settles the claim before `outstanding` at the
+    /// same time, in no fixed order, so the new claim must also exclude the
+    /// messages of any claim of the owner whose settle has not returned.
     async fn claim_ahead(
         &self,
         request: &ClaimRequest,

@@ -418,6 +418,50 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
+/// A pooled connection for one relay transaction, begun with the relay
+/// statements' settings in the same round trip as `BEGIN`: `synchronous_commit`
+/// off when configured, and a plan made for each call's values and the table
+/// as it is now (a cached generic plan made while the table was empty
+/// scanned the whole table in every settle once it had grown: 100,000 rows,
+/// 600 ms per settle).
+///
+/// It goes back to the pool only once its transaction has finished
+/// ([`finished`](Self::finished)); otherwise it is closed. sqlx does not roll back a `BEGIN` that
+/// failed or was cancelled part-way, and this one carries
+/// `SET LOCAL synchronous_commit TO off`, which must never reach another
+/// borrower of a shared pool (its commits would no longer wait for the WAL
+/// flush).
+struct RelayConn {
+    conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    done: bool,
+}
+
+impl RelayConn {
+    /// After the commit: back to the pool at once (the caller may need a
+    /// connection next, and the pool may have no other).
+    fn finished(mut self) {
+        self.done = true;
+    }
+
+    async fn begin(
+        &mut self,
+        sql: &str,
+        operation: &'static str,
+    ) -> Result<sqlx::Transaction<'_, sqlx::Postgres>> {
+        sqlx::Connection::begin_with(&mut *self.conn, sql.to_string())
+            .await
+            .map_err(err(operation))
+    }
+}
+
+impl Drop for RelayConn {
+    fn drop(&mut self) {
+        if !self.done {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
 /// Statements, built once from the validated table name.
 struct Sql {
     /// BEGIN and the relay statements' settings, one round trip.
@@ -640,27 +684,18 @@ impl PgStore {
         &self.inner.config
     }
 
-    /// A transaction for a relay statement, begun with its settings in one
-    /// round trip: `synchronous_commit` off when configured, and a plan made
-    /// for this call's values and the table as it is now. A cached generic
-    /// plan made while the table was empty scanned the whole table in every
-    /// settle once it had grown (100,000 rows: 600 ms per settle).
-    async fn begin(
-        &self,
-        operation: &'static str,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
-        self.inner
-            .pool
-            .begin_with(self.inner.sql.begin.clone())
-            .await
-            .map_err(err(operation))
+    /// A connection for one relay transaction (see [`RelayConn`]).
+    async fn connection(&self, operation: &'static str) -> Result<RelayConn> {
+        let conn = self.inner.pool.acquire().await.map_err(err(operation))?;
+        Ok(RelayConn { conn, done: false })
     }
 
     /// Renews the owner's registration and moves partitions towards a fair
     /// share: `ceil(64 / live relays)` each.
     async fn rebalance(&self, owner: &RelayId, lease: Duration) -> Result<()> {
         let sql = &self.inner.sql;
-        let mut tx = self.inner.pool.begin().await.map_err(err("claim"))?;
+        let mut conn = self.connection("claim").await?;
+        let mut tx = conn.begin(&sql.begin, "claim").await?;
         sqlx::query(&sql.heartbeat)
             .bind(owner.as_str())
             .bind(secs(lease))
@@ -701,6 +736,7 @@ impl PgStore {
             }
         }
         tx.commit().await.map_err(err("claim"))?;
+        conn.finished();
         Ok(())
     }
 
@@ -711,8 +747,9 @@ impl PgStore {
         let limit = i64::try_from(request.limit).unwrap_or(i64::MAX);
         let started = tokio::time::Instant::now();
         let ahead = exclude.is_some();
-        let mut tx = self.begin("claim").await?;
         let sql = &self.inner.sql;
+        let mut conn = self.connection("claim").await?;
+        let mut tx = conn.begin(&sql.begin, "claim").await?;
         let query = match exclude {
             Some(ids) => sqlx::query(&sql.claim_ahead)
                 .bind(owner)
@@ -726,6 +763,7 @@ impl PgStore {
         };
         let rows = query.fetch_all(&mut *tx).await.map_err(err("claim"))?;
         tx.commit().await.map_err(err("claim"))?;
+        conn.finished();
         let Some(first) = rows.first() else {
             return Ok(empty_claim(request));
         };
@@ -988,7 +1026,8 @@ impl Store for PgStore {
         }
         let token = i64::try_from(lease.token.0).unwrap_or(-1);
         let uuids = |ids: &[MessageId]| ids.iter().map(|i| *i.as_uuid()).collect::<Vec<_>>();
-        let mut tx = self.begin("settle").await?;
+        let mut conn = self.connection("settle").await?;
+        let mut tx = conn.begin(&self.inner.sql.begin, "settle").await?;
         let row = sqlx::query(&self.inner.sql.settle)
             .bind(token)
             .bind(uuids(&s.delivered))
@@ -1013,6 +1052,7 @@ impl Store for PgStore {
             .await
             .map_err(err("settle"))?;
         tx.commit().await.map_err(err("settle"))?;
+        conn.finished();
         self.inner.owners.settled(owner, lease.token.0);
         self.inner.release(owner, lease.token.0);
         let n = |i: usize| -> Result<u64> {

@@ -277,6 +277,57 @@ async fn notify_wakes_the_relay_and_the_listener_reconnects() {
     running.stop().await;
 }
 
+/// A relay statement dropped at any point (a relay stopped by dropping its
+/// future) leaves no transaction, and none of its `SET LOCAL`s, on a
+/// connection that goes back to the pool: the next borrower of a one-
+/// connection pool finds `synchronous_commit` on and no open transaction.
+#[tokio::test]
+async fn a_dropped_relay_statement_leaves_no_transaction_in_the_pool() {
+    use outbox_core::{ClaimRequest, RelayId, Store};
+    let Some(pool) = pool(1).await else { return };
+    // No LISTEN: its connection would be the pool's only one.
+    let (store, outbox) = fresh(&pool, StoreConfig::default().listen(false)).await;
+    let ms: Vec<Message> = (0..200)
+        .map(|i| {
+            Message::builder("orders.placed", "x")
+                .key(format!("k{i}"))
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let mut conn = pool.acquire().await.unwrap();
+    outbox.enqueue_batch(&mut *conn, &ms).await.unwrap();
+    drop(conn);
+    let mut dropped = 0;
+    for round in 0..150u64 {
+        // A new owner each round, so that every claim goes to the database
+        // (rebalance, then claim); dropped after 0-3 ms, mostly mid-way.
+        let request = ClaimRequest {
+            owner: RelayId::new(format!("r{round}")),
+            limit: 100,
+            lease: std::time::Duration::from_secs(30),
+        };
+        let wait = std::time::Duration::from_micros(round * 20);
+        if tokio::time::timeout(wait, store.claim(&request))
+            .await
+            .is_err()
+        {
+            dropped += 1;
+        }
+        // Two statements on the pool's one connection: in autocommit each
+        // is a transaction of its own, with an xid of its own.
+        let xid = "SELECT txid_current(), current_setting('synchronous_commit')";
+        let (a, sync): (i64, String) = sqlx::query_as(xid).fetch_one(&pool).await.unwrap();
+        let (b, _): (i64, String) = sqlx::query_as(xid).fetch_one(&pool).await.unwrap();
+        assert_eq!(
+            sync, "on",
+            "round {round}: a relay setting reached the pool"
+        );
+        assert_ne!(a, b, "round {round}: a relay transaction was left open");
+    }
+    assert!(dropped > 50, "only {dropped} of 150 claims were dropped");
+}
+
 /// Sends a marker NOTIFY on `channel` and checks that it is the next one
 /// the listener hears: nothing was sent before it.
 async fn nothing_before_a_marker(
