@@ -426,11 +426,11 @@ impl std::fmt::Debug for PgStore {
 /// 600 ms per settle).
 ///
 /// It goes back to the pool only once its transaction has finished
-/// ([`finished`](Self::finished)); otherwise it is closed. sqlx does not roll back a `BEGIN` that
-/// failed or was cancelled part-way, and this one carries
-/// `SET LOCAL synchronous_commit TO off`, which must never reach another
-/// borrower of a shared pool (its commits would no longer wait for the WAL
-/// flush).
+/// ([`finished`](Self::finished)); otherwise it is closed. sqlx does not
+/// roll back a `BEGIN` that failed or was cancelled part-way, and this one
+/// carries `SET LOCAL synchronous_commit TO off`, which must never reach
+/// another borrower of a shared pool (its commits would no longer wait for
+/// the WAL flush).
 struct RelayConn {
     conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
     done: bool,
