@@ -971,11 +971,13 @@ impl Relay {
             delivered = settlement.delivered.len(), retried = settlement.retries.len(),
             dead = settlement.dead.len(), released = settlement.released.len());
         let mut failures = 0u32;
+        // Copied once for the detached calls of every attempt.
+        let call = Arc::new((lease.clone(), settlement.clone()));
         loop {
             let started = Instant::now();
-            let (to, lease_, settlement_) = (self.store.clone(), lease.clone(), settlement.clone());
+            let (to, call) = (self.store.clone(), call.clone());
             match detached(
-                async move { to.settle(&lease_, &settlement_).await }.instrument(span.clone()),
+                async move { to.settle(&call.0, &call.1).await }.instrument(span.clone()),
             )
             .await
             {
