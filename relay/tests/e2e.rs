@@ -59,6 +59,20 @@ fn redis_entries(
     })
 }
 
+/// A fresh working directory for one relay (its logs, maybe its SQLite
+/// file), a free port and its listen address.
+fn scratch(name: &str) -> (std::path::PathBuf, u16, String) {
+    let dir = std::env::temp_dir().join(unique(name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    (dir, port, format!("127.0.0.1:{port}"))
+}
+
+/// The URL of a new SQLite database in `dir`.
+fn sqlite_url(dir: &std::path::Path) -> String {
+    format!("sqlite://{}?mode=rwc", dir.join("app.db").display())
+}
+
 /// Starts the binary with `vars` (its output in `dir`) and waits until
 /// `GET /health` on `port` answers 200; fails if it exits first. Returns the
 /// process and the health body.
@@ -112,10 +126,7 @@ fn postgres_to_nats_and_redis() {
     let table = format!("{schema}.outbox");
     let tag = unique("t");
     let stream_prefix = format!("relaytest-{tag}:");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let logs = std::env::temp_dir().join(unique("outbox-relay-e2e-"));
-    std::fs::create_dir_all(&logs).unwrap();
+    let (logs, port, listen) = scratch("outbox-relay-e2e-");
 
     // A core NATS subscriber must be there before anything is published.
     let nats = rt.block_on(async_nats::connect(NATS_ADDR)).unwrap();
@@ -369,14 +380,10 @@ fn sqlite_to_redis_streams() {
         return;
     }
     let rt = runtime();
-    let dir = std::env::temp_dir().join(unique("outbox-relay-sqlite-"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let db = dir.join("app.db");
-    let url = format!("sqlite://{}?mode=rwc", db.display());
+    let (dir, port, listen) = scratch("outbox-relay-sqlite-");
+    let url = sqlite_url(&dir);
     let prefix = unique("relaytest-lite-");
     let routes = format!(">=redis://127.0.0.1:6379?prefix={prefix}:");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let (mut child, _) = start_healthy(
         &[
             ("OUTBOX_RELAY_DATABASE_URL", &url),
@@ -388,12 +395,7 @@ fn sqlite_to_redis_streams() {
         port,
     );
 
-    let pool = rt
-        .block_on(sqlx::SqlitePool::connect(&format!(
-            "sqlite://{}",
-            db.display()
-        )))
-        .unwrap();
+    let pool = rt.block_on(sqlx::SqlitePool::connect(&url)).unwrap();
     let id = insert_sqlite(&rt, &pool, Some("o-1"), b"order 1", r#"{"source":"sql"}"#);
 
     let redis = redis::Client::open("redis://127.0.0.1:6379").unwrap();
@@ -470,10 +472,7 @@ fn health_reports_an_unreachable_database() {
     let schema = unique("relay_");
     let table = format!("{schema}.outbox");
     let db_url = format!("postgres://postgres@127.0.0.1:{}/test", proxy.port);
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let dir = std::env::temp_dir().join(unique("outbox-relay-health-"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let (dir, port, listen) = scratch("outbox-relay-health-");
     let (mut child, _) = start_healthy(
         &[
             ("OUTBOX_RELAY_DATABASE_URL", &db_url),
@@ -522,17 +521,13 @@ fn health_reports_a_failing_transport() {
     }
     let rt = runtime();
     let proxy = Proxy::start(&rt, 0, REDIS_ADDR);
-    let dir = std::env::temp_dir().join(unique("outbox-relay-broker-health-"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let db = dir.join("app.db");
-    let url = format!("sqlite://{}?mode=rwc", db.display());
+    let (dir, port, listen) = scratch("outbox-relay-broker-health-");
+    let url = sqlite_url(&dir);
     let prefix = unique("relaytest-health-");
     let routes = format!(
         ">=redis://127.0.0.1:{}?prefix={prefix}:&connect_timeout_ms=300&response_timeout_ms=500",
         proxy.port
     );
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let (mut child, _) = start_healthy(
         &[
             ("OUTBOX_RELAY_DATABASE_URL", &url),
@@ -549,12 +544,7 @@ fn health_reports_a_failing_transport() {
     );
 
     proxy.cut();
-    let pool = rt
-        .block_on(sqlx::SqlitePool::connect(&format!(
-            "sqlite://{}",
-            db.display()
-        )))
-        .unwrap();
+    let pool = rt.block_on(sqlx::SqlitePool::connect(&url)).unwrap();
     let id = insert_sqlite(&rt, &pool, None, b"during the outage", "{}");
     let (_, body) = wait_for(30, "GET /health = 503", || {
         http_get(port, "/health").filter(|(s, _)| *s == 503)
@@ -593,10 +583,7 @@ fn mysql_to_redis_streams() {
     let table = unique("relay_my_");
     let prefix = unique("relaytest-my-");
     let routes = format!(">=redis://127.0.0.1:6379?prefix={prefix}:");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let dir = std::env::temp_dir().join(unique("outbox-relay-mysql-"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let (dir, port, listen) = scratch("outbox-relay-mysql-");
     let (mut child, _) = start_healthy(
         &[
             ("OUTBOX_RELAY_DATABASE_URL", MYSQL_URL),
