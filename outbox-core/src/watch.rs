@@ -11,8 +11,9 @@
 //! fn watch(nats: Arc<dyn Transport>) -> Arc<dyn Transport> {
 //!     let (watched, health) = WatchedTransport::new(nats, "nats://127.0.0.1:4222");
 //!     tokio::spawn(async move {
+//!         let mut every = tokio::time::interval(Duration::from_secs(10));
 //!         loop {
-//!             tokio::time::sleep(Duration::from_secs(10)).await;
+//!             every.tick().await;
 //!             if let Some(why) = health.failing(Duration::from_secs(60)) {
 //!                 eprintln!("unhealthy: {why}");
 //!             }
