@@ -328,6 +328,148 @@ async fn a_dropped_relay_statement_leaves_no_transaction_in_the_pool() {
     assert!(dropped > 50, "only {dropped} of 150 claims were dropped");
 }
 
+/// Claims a batch of 100 out of 300 keyed messages for `owner`: the store
+/// then keeps the claim's connection for the next relay transaction.
+async fn keep_one(
+    pool: &sqlx::PgPool,
+    config: StoreConfig,
+) -> (outbox_sqlx::postgres::PgStore, outbox_core::Claim) {
+    use outbox_core::{ClaimRequest, RelayId, Store};
+    let (store, outbox) = fresh(pool, config.listen(false)).await;
+    let ms: Vec<Message> = (0..300)
+        .map(|i| {
+            Message::builder("orders.placed", "x")
+                .key(format!("k{i}"))
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let mut conn = pool.acquire().await.unwrap();
+    outbox.enqueue_batch(&mut *conn, &ms).await.unwrap();
+    drop(conn);
+    let request = ClaimRequest {
+        owner: RelayId::new("keeper"),
+        limit: 100,
+        lease: std::time::Duration::from_secs(30),
+    };
+    let claim = store.claim(&request).await.unwrap();
+    assert_eq!(claim.messages.len(), 100);
+    (store, claim)
+}
+
+/// Connections the pool has handed out and not got back (waits up to 10 s
+/// for the count to reach `want`: connections go back on a task).
+async fn out_of_pool(pool: &sqlx::PgPool, want: u32) -> u32 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = pool.size() - pool.num_idle() as u32;
+        if out == want || std::time::Instant::now() >= deadline {
+            return out;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A connection the store kept between relay transactions that died
+/// meanwhile (the server closed it) is replaced without an error: its
+/// `BEGIN` fails and the transaction begins again on a pool connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_that_died_is_replaced_without_an_error() {
+    use outbox_core::{Settlement, Store};
+    if pool(1).await.is_none() {
+        return;
+    }
+    // A name of its own: only this pool's connections are killed.
+    let name = common::unique("kept");
+    let options: sqlx::postgres::PgConnectOptions = common::pg_url().parse().unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options.application_name(&name))
+        .await
+        .unwrap();
+    let (store, claim) = keep_one(&pool, StoreConfig::default()).await;
+    assert_eq!(
+        out_of_pool(&pool, 1).await,
+        1,
+        "the claim's connection was not kept"
+    );
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(&name)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(!killed.is_empty(), "no connection to kill");
+    let settlement = Settlement {
+        delivered: claim.messages.iter().map(|m| m.id).collect(),
+        ..Settlement::default()
+    };
+    let report = store.settle(&claim.lease, &settlement).await.unwrap();
+    assert_eq!(report.delivered, 100);
+}
+
+/// `PgPool::close` waits for every connection: the store hands back the
+/// ones it keeps when the pool is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_pool_is_not_held_up_by_kept_connections() {
+    let Some(pool) = pool(4).await else { return };
+    let (_store, _claim) = keep_one(&pool, StoreConfig::default()).await;
+    assert_eq!(
+        out_of_pool(&pool, 1).await,
+        1,
+        "the claim's connection was not kept"
+    );
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), pool.close()).await;
+    assert!(closed.is_ok(), "PgPool::close waited for a kept connection");
+}
+
+/// A claim that finds nothing hands the kept connections back: an idle
+/// relay holds none. Two are kept after a settle and a claim ahead ran at
+/// once, as in a relay; the empty claim ahead after them uses only one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_claim_hands_kept_connections_back() {
+    use outbox_core::{ClaimRequest, Settlement, Store};
+    let Some(pool) = pool(4).await else { return };
+    // 100 of 300 claimed.
+    let (store, a) = keep_one(&pool, StoreConfig::default()).await;
+    let request = ClaimRequest {
+        owner: a.lease.owner.clone(),
+        limit: 100,
+        lease: std::time::Duration::from_secs(30),
+    };
+    let b = store
+        .claim_ahead(&request, &a.lease)
+        .await
+        .unwrap()
+        .unwrap();
+    let settle_a = Settlement {
+        delivered: a.messages.iter().map(|m| m.id).collect(),
+        ..Settlement::default()
+    };
+    // Both take a connection before either commits.
+    let (settled, c) = tokio::join!(
+        store.settle(&a.lease, &settle_a),
+        store.claim_ahead(&request, &b.lease)
+    );
+    settled.unwrap();
+    let c = c.unwrap().unwrap();
+    assert_eq!(c.messages.len(), 100);
+    assert_eq!(out_of_pool(&pool, 2).await, 2, "two connections kept");
+    let d = store
+        .claim_ahead(&request, &c.lease)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(d.messages.is_empty());
+    assert_eq!(
+        out_of_pool(&pool, 0).await,
+        0,
+        "an idle store still holds a connection"
+    );
+}
+
 /// Sends a marker NOTIFY on `channel` and checks that it is the next one
 /// the listener hears: nothing was sent before it.
 async fn nothing_before_a_marker(
