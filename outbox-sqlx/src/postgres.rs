@@ -882,10 +882,10 @@ impl PgStore {
         let token: i64 = first.try_get("token").map_err(err("claim"))?;
         let now: DateTime<Utc> = first.try_get("now").map_err(err("claim"))?;
         let mut batch = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let id: Option<Uuid> = row.try_get("id").map_err(err("claim"))?;
+        for (i, row) in rows.iter().enumerate() {
+            let id: Option<Uuid> = column(row, 2, i == 0).map_err(err("claim"))?;
             if id.is_some() {
-                batch.push(Self::row_to_message(row)?);
+                batch.push(Self::row_to_message(row, 2, i == 0)?);
             }
         }
         batch.sort_unstable_by_key(|(seq, _)| *seq);
@@ -973,21 +973,28 @@ impl PgStore {
         }
     }
 
-    fn row_to_message(row: &PgRow) -> Result<(i64, Message)> {
+    /// A message row: `id, topic, msg_key, payload, headers, created_at,
+    /// attempts, not_before, seq` by position from column `at`. `checked`:
+    /// the column types are checked (on a result's first row, which has
+    /// the same columns as the rest: checking every row of a claim was half
+    /// of its decoding).
+    fn row_to_message(row: &PgRow, at: usize, checked: bool) -> Result<(i64, Message)> {
         let get = |e: sqlx::Error| db_error(ENGINE, "claim", e);
-        let id: Uuid = row.try_get("id").map_err(get)?;
-        let payload: Vec<u8> = row.try_get("payload").map_err(get)?;
-        let headers: Option<serde_json::Value> = row.try_get("headers").map_err(get)?;
-        let created: DateTime<Utc> = row.try_get("created_at").map_err(get)?;
-        let not_before: Option<DateTime<Utc>> = row.try_get("not_before").map_err(get)?;
-        let attempts: i32 = row.try_get("attempts").map_err(get)?;
-        let seq: i64 = row.try_get("seq").map_err(get)?;
+        let id: Uuid = column(row, at, checked).map_err(get)?;
+        let topic: String = column(row, at + 1, checked).map_err(get)?;
+        let key: Option<String> = column(row, at + 2, checked).map_err(get)?;
+        let payload: Vec<u8> = column(row, at + 3, checked).map_err(get)?;
+        let headers: Option<serde_json::Value> = column(row, at + 4, checked).map_err(get)?;
+        let created: DateTime<Utc> = column(row, at + 5, checked).map_err(get)?;
+        let attempts: i32 = column(row, at + 6, checked).map_err(get)?;
+        let not_before: Option<DateTime<Utc>> = column(row, at + 7, checked).map_err(get)?;
+        let seq: i64 = column(row, at + 8, checked).map_err(get)?;
         Ok((
             seq,
             Message {
                 id: MessageId::from_uuid(id),
-                topic: row.try_get("topic").map_err(get)?,
-                key: row.try_get("msg_key").map_err(get)?,
+                topic,
+                key,
                 payload: payload.into(),
                 headers: headers.map(headers_from_json).unwrap_or_default(),
                 created_at: SystemTime::from(created),
@@ -1004,6 +1011,18 @@ impl PgStore {
             Selector::Ids(ids) => (None, Some(ids.iter().map(|i| *i.as_uuid()).collect())),
             _ => (None, None),
         }
+    }
+}
+
+/// Column `i` of `row`, its type checked or not (see `row_to_message`).
+fn column<'r, T>(row: &'r PgRow, i: usize, checked: bool) -> std::result::Result<T, sqlx::Error>
+where
+    T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    if checked {
+        row.try_get(i)
+    } else {
+        row.try_get_unchecked(i)
     }
 }
 
@@ -1291,7 +1310,7 @@ impl DeadLetters for PgStore {
         .map_err(err("list_dead"))?;
         rows.iter()
             .map(|row| {
-                let (_, message) = Self::row_to_message(row)?;
+                let (_, message) = Self::row_to_message(row, 0, true)?;
                 let error: Option<String> = row.try_get("last_error").map_err(err("list_dead"))?;
                 let dead_at: DateTime<Utc> = row.try_get("dead_at").map_err(err("list_dead"))?;
                 Ok(DeadLetter {
