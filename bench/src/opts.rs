@@ -21,6 +21,8 @@ OPTIONS:
     --small-backlog N     the small backlog of the growth test (default 10000)
     --batch N             relay batch size (default 1000)
     --keys N              distinct message keys, assigned round-robin; 0 = keyless (default 1000)
+    --pairs N             database-limit runs, each right before a drain of our relay, per broker;
+                          the ratio to the database limit is the median pair's (default 3, quick 1)
     --naive-secs S        how long the naive baseline runs per broker (default 20, quick 5)
     --latency-secs S      duration of each latency run (default 15, quick 5)
     --enqueue-secs S      duration of each enqueue-cost run (default 8, quick 3)
@@ -65,6 +67,8 @@ pub struct Options {
     pub batch: usize,
     /// Distinct keys (round-robin); 0 = keyless.
     pub keys: usize,
+    /// Database-limit / relay-drain pairs per broker.
+    pub pairs: usize,
     /// Time box of the naive baseline per broker.
     #[serde(with = "secs")]
     pub naive_time: Duration,
@@ -155,6 +159,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
         small_backlog: 10_000,
         batch: 1000,
         keys: 1000,
+        pairs: if quick { 1 } else { 3 },
         naive_time: Duration::from_secs(if quick { 5 } else { 20 }),
         latency_time: Duration::from_secs(if quick { 5 } else { 15 }),
         enqueue_time: Duration::from_secs(if quick { 3 } else { 8 }),
@@ -178,6 +183,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
             "--small-backlog" => o.small_backlog = number(&flag, it.next())?,
             "--batch" => o.batch = number(&flag, it.next())?,
             "--keys" => o.keys = number(&flag, it.next())?,
+            "--pairs" => o.pairs = number(&flag, it.next())?,
             "--naive-secs" => o.naive_time = seconds(&flag, it.next())?,
             "--latency-secs" => o.latency_time = seconds(&flag, it.next())?,
             "--enqueue-secs" => o.enqueue_time = seconds(&flag, it.next())?,
@@ -218,7 +224,8 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
             other => return Err(format!("unknown argument {other:?} (see --help)")),
         }
     }
-    if o.messages == 0 || o.batch == 0 || o.small_backlog == 0 || o.big_backlog == 0 {
+    if o.messages == 0 || o.batch == 0 || o.small_backlog == 0 || o.big_backlog == 0 || o.pairs == 0
+    {
         return Err("sizes must be more than 0".into());
     }
     Ok(Command::Bench(Box::new(o)))

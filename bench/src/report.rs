@@ -240,6 +240,33 @@ impl Results {
             );
         }
 
+        let pairs: Vec<String> = self
+            .brokers
+            .iter()
+            .filter(|b| b.pairs.len() > 1)
+            .map(|b| {
+                let runs: Vec<String> = b
+                    .pairs
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{} -> {} ({:.2})",
+                            fmt_rate(p.db_limit_msg_per_s),
+                            fmt_rate(p.ours_msg_per_s),
+                            p.ratio
+                        )
+                    })
+                    .collect();
+                format!("{}: {}", b.label, runs.join(", "))
+            })
+            .collect();
+        if !pairs.is_empty() {
+            let _ = writeln!(
+                s,
+                "DB limit and ours are the median of pairs (a DB-limit run right before each drain; DB limit -> ours (ratio)): {}",
+                pairs.join("; ")
+            );
+        }
         let commits: Vec<String> = self
             .brokers
             .iter()

@@ -49,6 +49,17 @@ pub struct DbLimit {
     pub cpu: CpuUse,
 }
 
+/// A database-limit run and the drain of our relay right after it.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Pair {
+    /// The database limit (msg/s).
+    pub db_limit_msg_per_s: f64,
+    /// Our relay (msg/s).
+    pub ours_msg_per_s: f64,
+    /// ours / database limit.
+    pub ratio: f64,
+}
+
 /// The naive relay (the reference module's design).
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Naive {
@@ -86,8 +97,15 @@ pub struct BrokerResult {
     pub raw_limit_msg_per_s: Option<f64>,
     /// The broker limit: the better of the two above (msg/s).
     pub broker_limit_msg_per_s: Option<f64>,
-    /// The database's claim + settle limit (msg/s, the same for all brokers).
+    /// The database's claim + settle limit (msg/s): the one measured right
+    /// before `ours` (see `pairs`).
     pub db_limit_msg_per_s: Option<f64>,
+    /// Every database-limit run and the drain of our relay right after it;
+    /// `ours` is the drain of the pair with the median ratio. The machine's
+    /// speed drifts between runs (the database limit alone ranged
+    /// 108k-169k msg/s over one afternoon), so a limit measured minutes
+    /// before made the ratio swing with it.
+    pub pairs: Vec<Pair>,
     /// min(broker limit, database limit).
     pub limit_msg_per_s: Option<f64>,
     /// ours / naive.
@@ -328,11 +346,12 @@ pub async fn naive(ctx: &Ctx, b: Broker) -> BoxResult<Naive> {
 }
 
 /// Everything for one broker: ours, naive, the two broker limits.
-pub async fn broker(ctx: &Ctx, b: Broker, db_limit: Option<f64>) -> BrokerResult {
+/// `db_limit_before`: the run's first database limit, used should a
+/// paired one fail.
+pub async fn broker(ctx: &Ctx, b: Broker, db_limit_before: Option<f64>) -> BrokerResult {
     let mut r = BrokerResult {
         broker: b.id().to_string(),
         label: b.label().to_string(),
-        db_limit_msg_per_s: db_limit,
         ..BrokerResult::default()
     };
     let topic = ctx.brokers.topic(b);
@@ -342,16 +361,51 @@ pub async fn broker(ctx: &Ctx, b: Broker, db_limit: Option<f64>) -> BrokerResult
         r.errors.push(format!("{what}: {e}"));
     };
 
-    eprintln!("  {}: our relay, {n} messages", b.label());
-    let ours = async {
-        let t = ctx.brokers.transport(b).await?;
-        drain(ctx, &format!("tp_{}", b.tag()), &topic, t, n).await
-    };
-    match ours.await {
-        Ok(d) => r.ours = Some(d),
-        Err(e) => note(&mut r, "relay", e),
+    // (ratio, database limit, drain) of each pair.
+    let mut pairs = Vec::new();
+    for pair in 1..=ctx.opts.pairs {
+        eprintln!(
+            "  {}: database limit, then our relay, {n} messages (pair {pair} of {})",
+            b.label(),
+            ctx.opts.pairs
+        );
+        let limit = match db_limit(ctx).await {
+            Ok(l) => Some(l.msg_per_s),
+            Err(e) => {
+                note(&mut r, "db limit", e);
+                db_limit_before
+            }
+        };
+        let ours = async {
+            let t = ctx.brokers.transport(b).await?;
+            drain(ctx, &format!("tp_{}", b.tag()), &topic, t, n).await
+        };
+        match ours.await {
+            Ok(d) => {
+                let ratio = limit.filter(|l| *l > 0.0).map_or(0.0, |l| d.msg_per_s / l);
+                pairs.push((ratio, limit, d));
+            }
+            Err(e) => note(&mut r, "relay", e),
+        }
+        let _ = ctx.brokers.purge(b).await;
     }
-    let _ = ctx.brokers.purge(b).await;
+    pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    r.pairs = pairs
+        .iter()
+        .map(|(ratio, limit, d)| Pair {
+            db_limit_msg_per_s: limit.unwrap_or(0.0),
+            ours_msg_per_s: d.msg_per_s,
+            ratio: round(*ratio, 2),
+        })
+        .collect();
+    let db_limit = if pairs.is_empty() {
+        db_limit_before
+    } else {
+        let (_, limit, d) = pairs.swap_remove(pairs.len() / 2);
+        r.ours = Some(d);
+        limit
+    };
+    r.db_limit_msg_per_s = db_limit;
 
     if let Some(tuning) = Brokers::tuning(b) {
         eprintln!("  {}: our relay, tuned transport: {tuning}", b.label());
