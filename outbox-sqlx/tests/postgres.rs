@@ -287,17 +287,7 @@ async fn a_dropped_relay_statement_leaves_no_transaction_in_the_pool() {
     let Some(pool) = pool(1).await else { return };
     // No LISTEN: its connection would be the pool's only one.
     let (store, outbox) = fresh(&pool, StoreConfig::default().listen(false)).await;
-    let ms: Vec<Message> = (0..200)
-        .map(|i| {
-            Message::builder("orders.placed", "x")
-                .key(format!("k{i}"))
-                .build()
-                .unwrap()
-        })
-        .collect();
-    let mut conn = pool.acquire().await.unwrap();
-    outbox.enqueue_batch(&mut *conn, &ms).await.unwrap();
-    drop(conn);
+    keyed_backlog(&pool, &outbox, 200).await;
     let mut dropped = 0;
     for round in 0..150u64 {
         // A new owner each round, so that every claim goes to the database
@@ -328,15 +318,9 @@ async fn a_dropped_relay_statement_leaves_no_transaction_in_the_pool() {
     assert!(dropped > 50, "only {dropped} of 150 claims were dropped");
 }
 
-/// Claims a batch of 100 out of 300 keyed messages for `owner`: the store
-/// then keeps the claim's connection for the next relay transaction.
-async fn keep_one(
-    pool: &sqlx::PgPool,
-    config: StoreConfig,
-) -> (outbox_sqlx::postgres::PgStore, outbox_core::Claim) {
-    use outbox_core::{ClaimRequest, RelayId, Store};
-    let (store, outbox) = fresh(pool, config.listen(false)).await;
-    let ms: Vec<Message> = (0..300)
+/// Enqueues `n` messages, each with a key of its own.
+async fn keyed_backlog(pool: &sqlx::PgPool, outbox: &Outbox, n: usize) {
+    let ms: Vec<Message> = (0..n)
         .map(|i| {
             Message::builder("orders.placed", "x")
                 .key(format!("k{i}"))
@@ -346,7 +330,18 @@ async fn keep_one(
         .collect();
     let mut conn = pool.acquire().await.unwrap();
     outbox.enqueue_batch(&mut *conn, &ms).await.unwrap();
-    drop(conn);
+}
+
+/// A fresh store with 300 keyed messages, 100 of them claimed by owner
+/// `keeper`: the store then keeps the claim's connection for the next
+/// relay transaction.
+async fn keep_one(
+    pool: &sqlx::PgPool,
+    config: StoreConfig,
+) -> (outbox_sqlx::postgres::PgStore, outbox_core::Claim) {
+    use outbox_core::{ClaimRequest, RelayId, Store};
+    let (store, outbox) = fresh(pool, config.listen(false)).await;
+    keyed_backlog(pool, &outbox, 300).await;
     let request = ClaimRequest {
         owner: RelayId::new("keeper"),
         limit: 100,
