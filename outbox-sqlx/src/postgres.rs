@@ -421,6 +421,15 @@ impl Drop for Inner {
         if let Some(h) = &self.listener {
             h.abort();
         }
+        // A pool connection hands itself back on a task: without a runtime
+        // (a store dropped after its runtime, with connections still kept
+        // by a relay that was aborted) that would panic. Left open instead;
+        // the process is most likely ending.
+        if tokio::runtime::Handle::try_current().is_err() {
+            for conn in std::mem::take(&mut *self.kept()) {
+                std::mem::forget(conn);
+            }
+        }
     }
 }
 
@@ -449,9 +458,10 @@ impl std::fmt::Debug for PgStore {
 /// restarted, the connection was killed), it is closed and the transaction
 /// begins again on one from the pool. The store keeps at most [`KEPT`], only
 /// while the pool has an idle connection left or room for another, hands
-/// them back when a claim finds nothing or a relay leaves, and at once when
-/// the pool is closed. Kept connections skip the pool's `before_acquire`
-/// and `after_release` hooks between their transactions.
+/// them back when a claim finds nothing, a settle has no claim behind it or
+/// a relay leaves, and at once when the pool is closed. Meanwhile the pool
+/// cannot apply `max_lifetime` or `idle_timeout` to them, and they skip
+/// its `before_acquire` and `after_release` hooks.
 ///
 /// Without a commit it is closed, never reused: sqlx does not roll back a
 /// `BEGIN` that failed or was cancelled part-way, and this one carries
@@ -534,15 +544,17 @@ impl Drop for RelayConn {
             None => conn.close_on_drop(),
             Some(false) => {}
             Some(true) => {
+                // Listening before the first connection is kept.
+                watch_close(&self.store);
                 let pool = &self.store.pool;
-                // Never the pool's last free connection.
+                let mut kept = self.store.kept();
+                // Never the pool's last free connection. Closed is read
+                // under the lock: the close watcher empties `kept` under it
+                // after the pool is marked closed, so nothing is kept after.
                 let room = !pool.is_closed()
                     && (pool.num_idle() > 0 || pool.size() < pool.options().get_max_connections());
-                let mut kept = self.store.kept();
                 if room && kept.len() < KEPT {
                     kept.push(conn);
-                    drop(kept);
-                    watch_close(&self.store);
                 }
             }
         }
@@ -1189,6 +1201,10 @@ impl Store for PgStore {
             .outstanding
             .is_some_and(|(t, _)| t != lease.token.0);
         conn.commit("settle", later).await?;
+        if !later {
+            // Nothing claimed behind this one: the relay may go idle.
+            self.inner.return_kept();
+        }
         self.inner.owners.settled(owner, lease.token.0);
         self.inner.release(owner, lease.token.0);
         let n = |i: usize| -> Result<u64> {
@@ -1265,6 +1281,7 @@ impl Store for PgStore {
     }
 
     async fn leave(&self, owner: &RelayId) -> Result<()> {
+        self.inner.return_kept();
         let t = self.inner.config.table.qualified("");
         if !self.inner.owners.busy(owner.as_str()) {
             sqlx::query(&format!(
@@ -1283,7 +1300,6 @@ impl Store for PgStore {
             .await
             .map_err(err("leave"))?;
         self.inner.owners.remove(owner.as_str());
-        self.inner.return_kept();
         self.inner
             .claims
             .lock()

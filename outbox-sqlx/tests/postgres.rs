@@ -352,17 +352,18 @@ async fn keep_one(
     (store, claim)
 }
 
-/// Connections the pool has handed out and not got back (waits up to 10 s
-/// for the count to reach `want`: connections go back on a task).
+/// Connections the pool has handed out and not got back. Connections go
+/// back on a task (after a ping), so this waits up to 10 s for the count
+/// to reach `want`, then 300 ms more for returns still in flight, and
+/// returns the count then.
 async fn out_of_pool(pool: &sqlx::PgPool, want: u32) -> u32 {
+    let out = || pool.size() - pool.num_idle() as u32;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let out = pool.size() - pool.num_idle() as u32;
-        if out == want || std::time::Instant::now() >= deadline {
-            return out;
-        }
+    while out() != want && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    out()
 }
 
 /// A connection the store kept between relay transactions that died
@@ -370,7 +371,7 @@ async fn out_of_pool(pool: &sqlx::PgPool, want: u32) -> u32 {
 /// `BEGIN` fails and the transaction begins again on a pool connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_connection_that_died_is_replaced_without_an_error() {
-    use outbox_core::{Settlement, Store};
+    use outbox_core::Store;
     if pool(1).await.is_none() {
         return;
     }
@@ -397,11 +398,10 @@ async fn a_kept_connection_that_died_is_replaced_without_an_error() {
     .await
     .unwrap();
     assert!(!killed.is_empty(), "no connection to kill");
-    let settlement = Settlement {
-        delivered: claim.messages.iter().map(|m| m.id).collect(),
-        ..Settlement::default()
-    };
-    let report = store.settle(&claim.lease, &settlement).await.unwrap();
+    let report = store
+        .settle(&claim.lease, &delivered(&claim))
+        .await
+        .unwrap();
     assert_eq!(report.delivered, 100);
 }
 
@@ -420,15 +420,23 @@ async fn closing_the_pool_is_not_held_up_by_kept_connections() {
     assert!(closed.is_ok(), "PgPool::close waited for a kept connection");
 }
 
-/// A claim that finds nothing hands the kept connections back: an idle
-/// relay holds none. Two are kept after a settle and a claim ahead ran at
-/// once, as in a relay; the empty claim ahead after them uses only one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_empty_claim_hands_kept_connections_back() {
-    use outbox_core::{ClaimRequest, Settlement, Store};
-    let Some(pool) = pool(4).await else { return };
-    // 100 of 300 claimed.
-    let (store, a) = keep_one(&pool, StoreConfig::default()).await;
+/// Two connections kept, as in a relay: after a claim of 100 of 300
+/// messages and a claim ahead, a settle and a claim ahead ran at once.
+/// Returns the store, the claim request and the two claims still to be
+/// settled.
+async fn two_kept(
+    pool: &sqlx::PgPool,
+) -> (
+    outbox_sqlx::postgres::PgStore,
+    outbox_core::ClaimRequest,
+    outbox_core::Claim,
+    outbox_core::Claim,
+) {
+    use outbox_core::{ClaimRequest, Store};
+    // A claim ahead is refused once a rebalance falls due, 1 s after the
+    // first claim: these few calls take milliseconds.
+    let refused = "claim ahead refused: more than 1 s since the first claim";
+    let (store, a) = keep_one(pool, StoreConfig::default()).await;
     let request = ClaimRequest {
         owner: a.lease.owner.clone(),
         limit: 100,
@@ -438,26 +446,62 @@ async fn an_empty_claim_hands_kept_connections_back() {
         .claim_ahead(&request, &a.lease)
         .await
         .unwrap()
-        .unwrap();
-    let settle_a = Settlement {
-        delivered: a.messages.iter().map(|m| m.id).collect(),
-        ..Settlement::default()
-    };
+        .expect(refused);
     // Both take a connection before either commits.
+    let settle_a = delivered(&a);
     let (settled, c) = tokio::join!(
         store.settle(&a.lease, &settle_a),
         store.claim_ahead(&request, &b.lease)
     );
     settled.unwrap();
-    let c = c.unwrap().unwrap();
+    let c = c.unwrap().expect(refused);
     assert_eq!(c.messages.len(), 100);
-    assert_eq!(out_of_pool(&pool, 2).await, 2, "two connections kept");
+    assert_eq!(out_of_pool(pool, 2).await, 2, "two connections kept");
+    (store, request, b, c)
+}
+
+/// Every message of `claim` delivered.
+fn delivered(claim: &outbox_core::Claim) -> outbox_core::Settlement {
+    outbox_core::Settlement {
+        delivered: claim.messages.iter().map(|m| m.id).collect(),
+        ..outbox_core::Settlement::default()
+    }
+}
+
+/// A claim that finds nothing hands the kept connections back: an idle
+/// relay holds none (the claim ahead uses only one of the two).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_claim_hands_kept_connections_back() {
+    use outbox_core::Store;
+    let Some(pool) = pool(4).await else { return };
+    let (store, request, _b, c) = two_kept(&pool).await;
     let d = store
         .claim_ahead(&request, &c.lease)
         .await
         .unwrap()
         .unwrap();
     assert!(d.messages.is_empty());
+    assert_eq!(
+        out_of_pool(&pool, 0).await,
+        0,
+        "an idle store still holds a connection"
+    );
+}
+
+/// A settle with no claim behind it (the end of a burst, whose last batch
+/// was not full) hands the kept connections back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_settle_hands_kept_connections_back() {
+    use outbox_core::Store;
+    let Some(pool) = pool(4).await else { return };
+    let (store, _request, b, c) = two_kept(&pool).await;
+    store.settle(&b.lease, &delivered(&b)).await.unwrap();
+    assert_eq!(
+        out_of_pool(&pool, 2).await,
+        2,
+        "kept while a claim is behind"
+    );
+    store.settle(&c.lease, &delivered(&c)).await.unwrap();
     assert_eq!(
         out_of_pool(&pool, 0).await,
         0,
