@@ -103,7 +103,7 @@ pub struct BrokerResult {
     /// Every database-limit run and the drain of our relay right after it;
     /// `ours` is the drain of the pair with the median ratio. The machine's
     /// speed drifts between runs (the database limit alone ranged
-    /// 108k-169k msg/s over one afternoon), so a limit measured minutes
+    /// 88k-181k msg/s over one session), so a limit measured minutes
     /// before made the ratio swing with it.
     pub pairs: Vec<Pair>,
     /// min(broker limit, database limit).

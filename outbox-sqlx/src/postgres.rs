@@ -426,9 +426,7 @@ impl Drop for Inner {
         // by a relay that was aborted) that would panic. Left open instead;
         // the process is most likely ending.
         if tokio::runtime::Handle::try_current().is_err() {
-            for conn in std::mem::take(&mut *self.kept()) {
-                std::mem::forget(conn);
-            }
+            std::mem::forget(std::mem::take(&mut *self.kept()));
         }
     }
 }
@@ -483,25 +481,21 @@ impl RelayConn {
     /// A connection with its relay transaction begun: a kept one when the
     /// store has one that is still alive, else one from the pool.
     async fn begin(store: &Arc<Inner>, operation: &'static str) -> Result<Self> {
+        let on = |conn| RelayConn {
+            conn: Some(conn),
+            store: store.clone(),
+            committed: None,
+        };
         let kept = store.kept().pop();
         if let Some(conn) = kept {
-            let mut c = RelayConn {
-                conn: Some(conn),
-                store: store.clone(),
-                committed: None,
-            };
+            let mut c = on(conn);
             match c.run(&store.sql.begin, operation).await {
                 Ok(()) => return Ok(c),
                 // Dropped uncommitted: closed.
                 Err(e) => debug!(error = %e, "a kept connection failed; taking one from the pool"),
             }
         }
-        let conn = store.pool.acquire().await.map_err(err(operation))?;
-        let mut c = RelayConn {
-            conn: Some(conn),
-            store: store.clone(),
-            committed: None,
-        };
+        let mut c = on(store.pool.acquire().await.map_err(err(operation))?);
         c.run(&store.sql.begin, operation).await?;
         Ok(c)
     }
@@ -883,7 +877,7 @@ impl PgStore {
         // back.
         let found = rows
             .first()
-            .is_some_and(|r| matches!(r.try_get::<Option<Uuid>, _>("id"), Ok(Some(_))));
+            .is_some_and(|r| matches!(column::<Option<Uuid>>(r, 2, true), Ok(Some(_))));
         conn.commit("claim", found).await?;
         if !found {
             self.inner.return_kept();
