@@ -10,7 +10,7 @@ use async_nats::header::{HeaderMap, HeaderName, HeaderValue, NATS_MESSAGE_ID};
 use async_nats::jetstream::context::{GetStreamByNameErrorKind, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, stream};
-use async_nats::{Client, ConnectOptions};
+use async_nats::{Client, ConnectOptions, Subject};
 use async_trait::async_trait;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use outbox_core::router::pattern_matches;
@@ -135,28 +135,42 @@ impl NatsTransport {
         self.client.connection_state() == State::Connected
     }
 
-    /// Subject and headers for one message.
-    fn prepare(&self, m: &Message) -> Result<(String, HeaderMap), NatsError> {
-        let subject = self.config.subject_for(&m.topic);
-        validate_subject(&subject, false)
-            .map_err(|_| NatsError::InvalidSubject(subject.clone()))?;
+    /// Subject and headers for one message. `last` holds the topic and
+    /// subject of the message before: a batch mostly has one topic, so its
+    /// subject is mapped and checked once.
+    fn prepare(
+        &self,
+        m: &Message,
+        last: &mut Option<(String, Subject)>,
+    ) -> Result<(Subject, HeaderMap), NatsError> {
+        let subject = match last {
+            Some((topic, subject)) if *topic == m.topic => subject.clone(),
+            _ => {
+                let subject = self.config.subject_for(&m.topic);
+                validate_subject(&subject, false)
+                    .map_err(|_| NatsError::InvalidSubject(subject.clone()))?;
+                let subject = Subject::from(subject);
+                *last = Some((m.topic.clone(), subject.clone()));
+                subject
+            }
+        };
         let mut headers = HeaderMap::new();
         for (name, value) in &m.headers {
-            insert(&mut headers, name, value)?;
+            let n = HeaderName::from_str(name)
+                .map_err(|_| NatsError::InvalidHeader(name.to_string()))?;
+            headers.insert(n, value_of(name, value)?);
         }
-        let id = m.id.to_string();
-        insert(&mut headers, ID_HEADER, &id)?;
+        let id = value_of(ID_HEADER, &m.id.to_string())?;
         if let Some(key) = &m.key {
-            insert(&mut headers, KEY_HEADER, key)?;
+            headers.insert(KEY, value_of(KEY_HEADER, key)?);
         }
-        if subject != m.topic {
-            insert(&mut headers, TOPIC_HEADER, &m.topic)?;
+        if subject.as_str() != m.topic {
+            headers.insert(TOPIC, value_of(TOPIC_HEADER, &m.topic)?);
         }
         if self.jetstream.is_some() {
-            let value = HeaderValue::from_str(&id)
-                .map_err(|_| NatsError::InvalidHeader(NATS_MESSAGE_ID.to_string()))?;
-            headers.insert(NATS_MESSAGE_ID, value);
+            headers.insert(NATS_MESSAGE_ID, id.clone());
         }
+        headers.insert(ID, id);
         Ok((subject, headers))
     }
 
@@ -192,6 +206,7 @@ impl NatsTransport {
         let mut no_stream = Vec::new();
         let mut inflight = FuturesUnordered::new();
         let mut down: Option<NatsError> = None;
+        let mut last = None;
         for &i in indices {
             let Some(m) = messages.get(i) else { continue };
             if let Some(e) = &down {
@@ -204,7 +219,7 @@ impl NatsTransport {
                 down = Some(e);
                 continue;
             }
-            let (subject, headers) = match self.prepare(m) {
+            let (subject, headers) = match self.prepare(m, &mut last) {
                 Ok(p) => p,
                 Err(e) => {
                     results[i] = Some(Err(e.into()));
@@ -291,8 +306,9 @@ impl NatsTransport {
         }
         let mut sent = vec![false; messages.len()];
         let work = async {
+            let mut last = None;
             for (i, m) in messages.iter().enumerate() {
-                let (subject, headers) = match self.prepare(m) {
+                let (subject, headers) = match self.prepare(m, &mut last) {
                     Ok(p) => p,
                     Err(e) => {
                         results[i] = Some(Err(e.into()));
@@ -433,11 +449,13 @@ fn record_ack(
     }
 }
 
-fn insert(headers: &mut HeaderMap, name: &str, value: &str) -> Result<(), NatsError> {
-    let n = HeaderName::from_str(name).map_err(|_| NatsError::InvalidHeader(name.to_string()))?;
-    let v = HeaderValue::from_str(value).map_err(|_| NatsError::InvalidHeader(name.to_string()))?;
-    headers.insert(n, v);
-    Ok(())
+/// The headers the transport sets on every message, parsed once.
+const ID: HeaderName = HeaderName::from_static(ID_HEADER);
+const KEY: HeaderName = HeaderName::from_static(KEY_HEADER);
+const TOPIC: HeaderName = HeaderName::from_static(TOPIC_HEADER);
+
+fn value_of(name: &str, value: &str) -> Result<HeaderValue, NatsError> {
+    HeaderValue::from_str(value).map_err(|_| NatsError::InvalidHeader(name.to_string()))
 }
 
 /// Whether the stream subject `pattern` (NATS wildcards) captures `subject`.

@@ -135,23 +135,23 @@ async fn subjects_follow_the_prefix_and_mapping_and_keep_the_topic() {
         .build()
         .unwrap();
     let transport = NatsTransport::connect(config).await.unwrap();
-    let r = transport
-        .publish_batch(&[message("orders.placed", 1), message("audit.login", 2)])
-        .await;
+    // Topics alternate within the batch: each message gets its own subject.
+    let batch: Vec<Message> = (0..4)
+        .map(|i| message(["orders.placed", "audit.login"][i % 2], i))
+        .collect();
+    let r = transport.publish_batch(&batch).await;
     assert!(r.iter().all(Result::is_ok), "{r:?}");
 
-    let mapped = read_stream(&js, &stream, &format!("app{u}.sales.orders")).await;
-    assert_eq!(mapped.len(), 1);
-    assert_eq!(
-        mapped[0].headers.get("outbox-topic").unwrap(),
-        "orders.placed"
-    );
-    let prefixed = read_stream(&js, &stream, &format!("app{u}.audit.login")).await;
-    assert_eq!(prefixed.len(), 1);
-    assert_eq!(
-        prefixed[0].headers.get("outbox-topic").unwrap(),
-        "audit.login"
-    );
+    for (subject, topic) in [
+        ("sales.orders", "orders.placed"),
+        ("audit.login", "audit.login"),
+    ] {
+        let stored = read_stream(&js, &stream, &format!("app{u}.{subject}")).await;
+        assert_eq!(stored.len(), 2, "{subject}");
+        for m in &stored {
+            assert_eq!(m.headers.get("outbox-topic").unwrap(), topic);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
