@@ -78,7 +78,10 @@ pub struct RelayConfig {
     /// overlaps the database and the broker within one lane; more lanes pay
     /// off only when round trips, not CPU, bound the relay (a remote
     /// database or broker), and only once the store has shared its
-    /// partitions between them (PostgreSQL: within a second).
+    /// partitions between them (PostgreSQL: within a second). With more
+    /// than one lane, one task waits on the store for all of them, so a
+    /// PostgreSQL store counts as always waiting and `Outbox::wake` sends a
+    /// NOTIFY on every call.
     pub lanes: usize,
 }
 
@@ -392,7 +395,7 @@ impl Relay {
     /// they are logged, counted and retried with backoff.
     pub async fn run(&self, cancel: CancellationToken) -> RelayReport {
         if self.config.lanes <= 1 {
-            return self.run_lane(cancel).await;
+            return self.run_lane(cancel, None).await;
         }
         let lanes: Vec<Relay> = (0..self.config.lanes)
             .map(|n| Relay {
@@ -406,8 +409,28 @@ impl Relay {
                 signal: self.signal.clone(),
             })
             .collect();
-        let reports =
-            futures_util::future::join_all(lanes.iter().map(|l| l.run_lane(cancel.clone()))).await;
+        // A wakeup from the store or the signal reaches one waiter, but
+        // lanes own different partitions: one task waits for all of them,
+        // and each lane keeps its own mark, so that it also sees a wakeup
+        // that came while it was busy.
+        let (woken, _) = tokio::sync::watch::channel(());
+        let forward = async {
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    _ = self.store.notified() => {}
+                    _ = self.signal.notified() => {}
+                }
+                woken.send_replace(());
+            }
+        };
+        let run = futures_util::future::join_all(
+            lanes
+                .iter()
+                .map(|l| l.run_lane(cancel.clone(), Some(woken.subscribe()))),
+        );
+        let (reports, ()) = tokio::join!(run, forward);
         let mut total = RelayReport::default();
         for r in &reports {
             total.add(r);
@@ -416,7 +439,13 @@ impl Relay {
     }
 
     /// One claim-publish-settle loop: the state machine.
-    async fn run_lane(&self, cancel: CancellationToken) -> RelayReport {
+    /// `woken`: the relay's shared wakeups when it runs several lanes (see
+    /// `run`); without it the lane waits on the store and the signal.
+    async fn run_lane(
+        &self,
+        cancel: CancellationToken,
+        mut woken: Option<tokio::sync::watch::Receiver<()>>,
+    ) -> RelayReport {
         let mut total = RelayReport::default();
         let mut state = State::Idle;
         let mut store_failures = 0u32;
@@ -440,8 +469,7 @@ impl Relay {
                     let state = tokio::select! {
                         biased;
                         _ = cancel.cancelled() => State::Stopping,
-                        _ = self.store.notified() => State::Claiming,
-                        _ = self.signal.notified() => State::Claiming,
+                        _ = self.woken(&mut woken) => State::Claiming,
                         _ = tokio::time::sleep(wait) => State::Claiming,
                     };
                     if next_retry.is_some_and(|due| due <= Instant::now()) {
@@ -631,6 +659,22 @@ impl Relay {
         }
         self.store.leave(&self.id).await?;
         Ok(total)
+    }
+
+    /// Resolves at the next wakeup from the store or the signal.
+    async fn woken(&self, shared: &mut Option<tokio::sync::watch::Receiver<()>>) {
+        match shared {
+            None => tokio::select! {
+                _ = self.store.notified() => {}
+                _ = self.signal.notified() => {}
+            },
+            Some(marks) => {
+                if marks.changed().await.is_err() {
+                    // No sender: no wakeup can come; the poll still runs.
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
     }
 
     fn transition(&self, from: StateName, to: StateName) {

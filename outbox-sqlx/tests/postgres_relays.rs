@@ -337,3 +337,72 @@ async fn one_relay_with_four_lanes_keeps_order() {
     );
     assert_eq!(dups, 0);
 }
+
+/// Lanes own different partitions, and a NOTIFY must reach the one that
+/// owns the message's: with a poll of an hour, each message, sent alone,
+/// is published at once whichever lane owns its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_reaches_every_lane() {
+    let Some(admin) = pool(8).await else { return };
+    let (store, outbox) = fresh(&admin, StoreConfig::default()).await;
+    let outbox = outbox.notify(true);
+    let table = store.config().table.to_string();
+    let rec = outbox_core::testing::RecordingTransport::new();
+    let relay = Relay::builder(Arc::new(store), Arc::new(rec.clone()))
+        .lanes(4)
+        .batch_size(50)
+        .lease(Duration::from_secs(30))
+        .poll_interval(Duration::from_secs(3_600))
+        .build()
+        .unwrap();
+    let running = relay.spawn();
+    let send = |n: usize, from: usize| {
+        let (admin, outbox) = (admin.clone(), outbox.clone());
+        async move {
+            let batch: Vec<Message> = (from..from + n)
+                .map(|i| {
+                    Message::builder("orders.placed", "x")
+                        .key(format!("k{}", i % 200))
+                        .build()
+                        .unwrap()
+                })
+                .collect();
+            let mut tx = admin.begin().await.unwrap();
+            outbox.enqueue_batch(&mut *tx, &batch).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+    };
+    // Lanes share the partitions while they claim: keep them busy until
+    // all four own some.
+    let mut sent = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let owners: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(DISTINCT owner) FROM {table}_partitions WHERE lease_until > now()"
+        ))
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+        if owners == 4 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lanes did not share the partitions ({owners} owners)"
+        );
+        send(500, sent).await;
+        sent += 500;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(rec.wait_for(sent, Duration::from_secs(30)).await, sent);
+    // Now one message at a time, on keys spread over the partitions.
+    for i in 0..24 {
+        send(1, i).await;
+        assert_eq!(
+            rec.wait_for(sent + i + 1, Duration::from_secs(5)).await,
+            sent + i + 1,
+            "message {i} (key k{i}) waited for the poll"
+        );
+    }
+    running.stop().await;
+}
