@@ -447,14 +447,40 @@ async fn two_kept(
         .await
         .unwrap()
         .expect(refused);
-    // Both take a connection before either commits.
-    let settle_a = delivered(&a);
-    let (settled, c) = tokio::join!(
-        store.settle(&a.lease, &settle_a),
-        store.claim_ahead(&request, &b.lease)
-    );
-    settled.unwrap();
-    let c = c.unwrap().expect(refused);
+    // Both take a connection before either commits: the claim ahead
+    // waits on a lock of the partitions until the settle is done.
+    let table = store.config().table.to_string();
+    let mut blocker = pool.begin().await.unwrap();
+    sqlx::query(&format!("SELECT 1 FROM {table}_partitions FOR UPDATE"))
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let claim = tokio::spawn({
+        let (store, request, lease) = (store.clone(), request.clone(), b.lease.clone());
+        async move { store.claim_ahead(&request, &lease).await }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND strpos(query, $1) > 0",
+        )
+        .bind(format!("{table}_partitions"))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the claim ahead did not wait for the lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    store.settle(&a.lease, &delivered(&a)).await.unwrap();
+    blocker.rollback().await.unwrap();
+    let c = claim.await.unwrap().unwrap().expect(refused);
     assert_eq!(c.messages.len(), 100);
     assert_eq!(out_of_pool(pool, 2).await, 2, "two connections kept");
     (store, request, b, c)
