@@ -1,7 +1,6 @@
 //! The crate's private error enum and its mapping into
 //! [`outbox_core::Error`]: which failures are worth a retry.
 
-use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::ErrorCode;
 use outbox_core::{Error, ErrorKind};
 
@@ -98,28 +97,27 @@ impl NatsError {
         }
     }
 
-    /// Maps a JetStream publish failure that is not "no stream" (that one is
-    /// checked with the server first: see the transport).
-    pub(crate) fn from_publish(
-        e: &async_nats::jetstream::context::PublishError,
-        timeout: std::time::Duration,
-    ) -> Self {
+    /// Maps the error a stream answered a publish with.
+    pub(crate) fn from_ack(e: &async_nats::jetstream::Error) -> Self {
+        let code = e.error_code();
+        if code == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM {
+            NatsError::TooLarge(e.to_string())
+        } else if code == ErrorCode::STREAM_WRONG_LAST_MESSAGE_ID
+            || code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE
+        {
+            NatsError::RefusedPermanently(e.to_string())
+        } else {
+            NatsError::Refused(e.to_string())
+        }
+    }
+
+    /// Maps a failure of the client to send a publish of `topic`.
+    pub(crate) fn from_send(e: &async_nats::client::PublishError, topic: &str) -> Self {
+        use async_nats::client::PublishErrorKind as K;
         match e.kind() {
-            PublishErrorKind::TimedOut => NatsError::Timeout(timeout),
-            PublishErrorKind::BrokenPipe => NatsError::Disconnected(e.to_string()),
-            PublishErrorKind::MaxPayloadExceeded => NatsError::TooLarge(e.to_string()),
-            PublishErrorKind::StreamNotFound => NatsError::Refused(e.to_string()),
-            PublishErrorKind::MaxAckPending => NatsError::Refused(e.to_string()),
-            PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence => {
-                NatsError::RefusedPermanently(e.to_string())
-            }
-            _ => match api_error_code(e) {
-                Some(code) if code == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM => {
-                    NatsError::TooLarge(e.to_string())
-                }
-                Some(_) => NatsError::Refused(e.to_string()),
-                None => NatsError::Other(e.to_string()),
-            },
+            K::MaxPayloadExceeded => NatsError::TooLarge(e.to_string()),
+            K::InvalidSubject => NatsError::InvalidSubject(topic.to_string()),
+            _ => NatsError::Disconnected(e.to_string()),
         }
     }
 }
@@ -128,14 +126,6 @@ impl From<NatsError> for Error {
     fn from(e: NatsError) -> Self {
         e.during("publish")
     }
-}
-
-/// The JetStream API error code inside a publish error, if the server sent one.
-fn api_error_code(e: &async_nats::jetstream::context::PublishError) -> Option<ErrorCode> {
-    let source = std::error::Error::source(e)?;
-    source
-        .downcast_ref::<async_nats::jetstream::Error>()
-        .map(async_nats::jetstream::Error::error_code)
 }
 
 #[cfg(test)]

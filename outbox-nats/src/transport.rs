@@ -7,16 +7,16 @@ use std::time::Duration;
 
 use async_nats::connection::State;
 use async_nats::header::{HeaderMap, HeaderName, HeaderValue, NATS_MESSAGE_ID};
-use async_nats::jetstream::context::{GetStreamByNameErrorKind, PublishErrorKind};
-use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::context::GetStreamByNameErrorKind;
 use async_nats::jetstream::{self, stream};
-use async_nats::{Client, ConnectOptions, Subject};
+use async_nats::{Client, ConnectOptions, StatusCode, Subject};
 use async_trait::async_trait;
-use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::stream::StreamExt;
 use outbox_core::router::pattern_matches;
 use outbox_core::wire::{ID_HEADER, KEY_HEADER, TOPIC_HEADER};
 use outbox_core::{Error, Message, PublishResult, Transport};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use crate::config::{server_addrs, validate_subject, NatsConfig, NatsMode, StreamSpec};
 use crate::error::NatsError;
@@ -32,6 +32,8 @@ pub struct NatsTransport {
     config: NatsConfig,
     client: Client,
     jetstream: Option<jetstream::Context>,
+    /// Where JetStream acks arrive (JetStream mode only).
+    acks: Option<Acks>,
     window: Arc<Semaphore>,
 }
 
@@ -100,14 +102,10 @@ impl NatsTransport {
         let jetstream = match config.mode {
             NatsMode::Core => None,
             NatsMode::JetStream => {
+                // Used for the JetStream API (stream checks and creation);
+                // publishes go through `Acks`.
                 let context = jetstream::ContextBuilder::new()
                     .timeout(config.ack_timeout)
-                    .ack_timeout(config.ack_timeout)
-                    // Our own window bounds what is in flight; the client's
-                    // limit only has to stay out of its way (acks of a
-                    // cancelled call are still counted by the client).
-                    .max_ack_inflight(config.max_in_flight.saturating_mul(2))
-                    .backpressure_on_inflight(true)
                     .build(client.clone());
                 check_jetstream(&context).await?;
                 if let Some(spec) = &config.create_stream {
@@ -116,11 +114,16 @@ impl NatsTransport {
                 Some(context)
             }
         };
+        let acks = match jetstream {
+            Some(_) => Some(Acks::subscribe(&client).await?),
+            None => None,
+        };
         let window = Arc::new(Semaphore::new(config.max_in_flight));
         Ok(NatsTransport {
             config,
             client,
             jetstream,
+            acks,
             window,
         })
     }
@@ -174,39 +177,40 @@ impl NatsTransport {
         Ok((subject, headers))
     }
 
-    /// Waits for a window slot while collecting acks that complete meanwhile,
-    /// so that a call never waits on slots held by its own unpolled acks.
-    async fn slot<F>(
-        &self,
-        inflight: &mut FuturesUnordered<F>,
-        mut done: impl FnMut(F::Output),
-    ) -> Option<OwnedSemaphorePermit>
-    where
-        F: std::future::Future,
-    {
-        loop {
-            tokio::select! {
-                biased;
-                Some(out) = inflight.next(), if !inflight.is_empty() => done(out),
-                permit = self.window.clone().acquire_owned() => return permit.ok(),
-            }
-        }
-    }
-
-    /// Publishes `indices` of `messages` through JetStream, pipelined.
-    /// Messages whose subject had no stream are returned for a server check.
+    /// Publishes `indices` of `messages` through JetStream, pipelined: each
+    /// message asks for its ack on a reply subject of its own under
+    /// [`Acks`], within the transport's window. Messages whose subject had
+    /// no stream are returned for a server check.
     async fn publish_jetstream(
         &self,
-        context: &jetstream::Context,
+        acks: &Acks,
         messages: &[Message],
         indices: &[usize],
         results: &mut [Option<PublishResult>],
     ) -> Vec<usize> {
         let timeout = self.config.ack_timeout;
+        let mut call = acks.register();
+        // The window slot of every message still waiting for its ack.
+        let mut waiting: HashMap<usize, OwnedSemaphorePermit> = HashMap::new();
         let mut no_stream = Vec::new();
-        let mut inflight = FuturesUnordered::new();
         let mut down: Option<NatsError> = None;
         let mut last = None;
+        // The last send or ack: a server that answers nothing for a whole
+        // `ack_timeout` after it fails what is still waiting.
+        let mut progress = Instant::now();
+        let mut record = |(i, ack): (usize, Ack),
+                          waiting: &mut HashMap<usize, OwnedSemaphorePermit>,
+                          results: &mut [Option<PublishResult>]| {
+            // Only the first answer to a message still waiting counts.
+            if waiting.remove(&i).is_none() {
+                return;
+            }
+            match ack {
+                Ack::Stored => results[i] = Some(Ok(())),
+                Ack::NoStream => no_stream.push(i),
+                Ack::Failed(e) => results[i] = Some(Err(e.into())),
+            }
+        };
         for &i in indices {
             let Some(m) = messages.get(i) else { continue };
             if let Some(e) = &down {
@@ -226,36 +230,54 @@ impl NatsTransport {
                     continue;
                 }
             };
-            let permit = self
-                .slot(&mut inflight, |out| {
-                    record_ack(out, results, &mut no_stream, timeout)
-                })
-                .await;
-            let publish = PublishMessage::build()
-                .payload(m.payload.clone())
-                .headers(headers);
-            match context.send_publish(subject, publish).await {
-                Ok(ack) => inflight.push(async move {
-                    let r = ack.await;
-                    drop(permit);
-                    (i, r)
-                }),
-                Err(e) => {
-                    drop(permit);
-                    let mapped = NatsError::from_publish(&e, timeout);
-                    if matches!(mapped, NatsError::Timeout(_)) {
-                        // The client could not even queue the publish: the
-                        // connection is down; fail the rest fast.
-                        down = Some(NatsError::Disconnected(format!(
-                            "could not send within {timeout:?}"
-                        )));
+            // A window slot; acks that arrive meanwhile free theirs (also
+            // this call's own, so it never waits on itself).
+            let permit = loop {
+                tokio::select! {
+                    biased;
+                    Some(ack) = call.replies.recv(), if !waiting.is_empty() => {
+                        progress = Instant::now();
+                        record(ack, &mut waiting, results);
                     }
-                    results[i] = Some(Err(mapped.into()));
+                    permit = self.window.clone().acquire_owned() => break permit.ok(),
+                    // No ack for a whole timeout: what waits has failed
+                    // (a dead connection is caught above, before sending).
+                    _ = tokio::time::sleep_until(progress + timeout), if !waiting.is_empty() => {
+                        timed_out(&mut waiting, results, timeout);
+                    }
+                }
+            };
+            let send = self.client.publish_with_reply_and_headers(
+                subject,
+                call.reply(i),
+                headers,
+                m.payload.clone(),
+            );
+            match tokio::time::timeout(timeout, send).await {
+                Ok(Ok(())) => {
+                    if let Some(permit) = permit {
+                        waiting.insert(i, permit);
+                    }
+                    progress = Instant::now();
+                }
+                Ok(Err(e)) => results[i] = Some(Err(NatsError::from_send(&e, &m.topic).into())),
+                Err(_) => {
+                    // The client could not even queue the publish: the
+                    // connection is down; fail the rest fast.
+                    let e = NatsError::Disconnected(format!("could not send within {timeout:?}"));
+                    results[i] = Some(Err(e.clone().into()));
+                    down = Some(e);
                 }
             }
         }
-        while let Some(out) = inflight.next().await {
-            record_ack(out, results, &mut no_stream, timeout);
+        while !waiting.is_empty() {
+            match tokio::time::timeout_at(progress + timeout, call.replies.recv()).await {
+                Ok(Some(ack)) => {
+                    progress = Instant::now();
+                    record(ack, &mut waiting, results);
+                }
+                Ok(None) | Err(_) => timed_out(&mut waiting, results, timeout),
+            }
         }
         no_stream
     }
@@ -321,15 +343,7 @@ impl NatsTransport {
                     .await
                 {
                     Ok(()) => sent[i] = true,
-                    Err(e) => {
-                        use async_nats::client::PublishErrorKind as K;
-                        let mapped = match e.kind() {
-                            K::MaxPayloadExceeded => NatsError::TooLarge(e.to_string()),
-                            K::InvalidSubject => NatsError::InvalidSubject(m.topic.clone()),
-                            _ => NatsError::Disconnected(e.to_string()),
-                        };
-                        results[i] = Some(Err(mapped.into()));
-                    }
+                    Err(e) => results[i] = Some(Err(NatsError::from_send(&e, &m.topic).into())),
                 }
             }
             // One round trip: a request nobody answers. The server replies
@@ -370,12 +384,11 @@ impl Transport for NatsTransport {
 
     async fn publish_batch(&self, messages: &[Message]) -> Vec<PublishResult> {
         let mut results: Vec<Option<PublishResult>> = messages.iter().map(|_| None).collect();
-        match &self.jetstream {
-            None => self.publish_core(messages, &mut results).await,
-            Some(context) => {
+        match (&self.jetstream, &self.acks) {
+            (Some(context), Some(acks)) => {
                 let all: Vec<usize> = (0..messages.len()).collect();
                 let no_stream = self
-                    .publish_jetstream(context, messages, &all, &mut results)
+                    .publish_jetstream(acks, messages, &all, &mut results)
                     .await;
                 if !no_stream.is_empty() {
                     let mut verdicts: HashMap<String, Missing> = HashMap::new();
@@ -397,7 +410,7 @@ impl Transport for NatsTransport {
                     }
                     if !again.is_empty() {
                         let still = self
-                            .publish_jetstream(context, messages, &again, &mut results)
+                            .publish_jetstream(acks, messages, &again, &mut results)
                             .await;
                         for i in still {
                             let subject = messages
@@ -412,6 +425,7 @@ impl Transport for NatsTransport {
                     }
                 }
             }
+            _ => self.publish_core(messages, &mut results).await,
         }
         results
             .into_iter()
@@ -428,24 +442,149 @@ impl Transport for NatsTransport {
     }
 }
 
-type AckResult = Result<jetstream::publish::PublishAck, jetstream::context::PublishError>;
+/// What the stream answered for one message.
+enum Ack {
+    Stored,
+    /// No stream captures the subject: checked with the server.
+    NoStream,
+    Failed(NatsError),
+}
 
-/// Records the ack of message `i`; a "no stream" answer is set aside for a
-/// check with the server.
-fn record_ack(
-    (i, r): (usize, AckResult),
+impl Ack {
+    fn read(m: &async_nats::Message) -> Ack {
+        if m.status == Some(StatusCode::NO_RESPONDERS) {
+            return Ack::NoStream;
+        }
+        if let Some(status) = m.status.filter(|s| *s != StatusCode::OK) {
+            return Ack::Failed(NatsError::Refused(format!(
+                "status {status} {}",
+                m.description.as_deref().unwrap_or_default()
+            )));
+        }
+        /// A PubAck names the stream that stored the message (a duplicate
+        /// within the window too: already stored); a refusal has `error`.
+        #[derive(serde::Deserialize)]
+        struct Reply {
+            error: Option<jetstream::Error>,
+            stream: Option<serde::de::IgnoredAny>,
+        }
+        match serde_json::from_slice::<Reply>(&m.payload) {
+            Ok(Reply { error: Some(e), .. }) => Ack::Failed(NatsError::from_ack(&e)),
+            Ok(Reply {
+                stream: Some(_), ..
+            }) => Ack::Stored,
+            Ok(_) => Ack::Failed(NatsError::Other("an ack without a stream".into())),
+            Err(e) => Ack::Failed(NatsError::Other(format!("an unreadable ack: {e}"))),
+        }
+    }
+}
+
+/// Fails every message still waiting for its ack (their slots go back to
+/// the window).
+fn timed_out(
+    waiting: &mut HashMap<usize, OwnedSemaphorePermit>,
     results: &mut [Option<PublishResult>],
-    no_stream: &mut Vec<usize>,
     timeout: Duration,
 ) {
-    let Some(slot) = results.get_mut(i) else {
-        return;
-    };
-    match r {
-        // A duplicate within the window is already stored: success too.
-        Ok(_) => *slot = Some(Ok(())),
-        Err(e) if e.kind() == PublishErrorKind::StreamNotFound => no_stream.push(i),
-        Err(e) => *slot = Some(Err(NatsError::from_publish(&e, timeout).into())),
+    for (i, _) in waiting.drain() {
+        results[i] = Some(Err(NatsError::Timeout(timeout).into()));
+    }
+}
+
+/// The transport's JetStream acks. Every publish asks for its ack on
+/// `<inbox>.<call>.<index>`, and one subscription to `<inbox>.>` routes
+/// each to its call. The client's own request path costs a reply inbox, a
+/// oneshot channel and a timer per message: 7.3 CPU µs per message against
+/// 5.2 this way (the transport alone).
+struct Acks {
+    inbox: String,
+    calls: Arc<std::sync::Mutex<Routes>>,
+    next: std::sync::atomic::AtomicU64,
+    router: tokio::task::JoinHandle<()>,
+}
+
+impl Acks {
+    async fn subscribe(client: &Client) -> Result<Acks, Error> {
+        let inbox = client.new_inbox();
+        let mut subscriber = client
+            .subscribe(format!("{inbox}.>"))
+            .await
+            .map_err(|e| NatsError::Disconnected(e.to_string()).during("connect"))?;
+        let calls: Arc<std::sync::Mutex<Routes>> = Arc::default();
+        let (routes, prefix) = (calls.clone(), format!("{inbox}."));
+        let router = tokio::spawn(async move {
+            while let Some(m) = subscriber.next().await {
+                let Some((call, index)) = m
+                    .subject
+                    .strip_prefix(prefix.as_str())
+                    .and_then(|rest| rest.split_once('.'))
+                    .and_then(|(c, i)| Some((c.parse::<u64>().ok()?, i.parse::<usize>().ok()?)))
+                else {
+                    continue;
+                };
+                let routes = routes.lock().unwrap_or_else(|p| p.into_inner());
+                // A call that gave up (timed out, dropped) is gone: its
+                // late acks are dropped; the relay publishes again.
+                if let Some(call) = routes.get(&call) {
+                    let _ = call.send((index, Ack::read(&m)));
+                }
+            }
+        });
+        Ok(Acks {
+            inbox,
+            calls,
+            next: std::sync::atomic::AtomicU64::new(0),
+            router,
+        })
+    }
+
+    /// A call's reply subjects and the channel its acks arrive on; dropped,
+    /// it stops receiving.
+    fn register(&self) -> Call<'_> {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, replies) = mpsc::unbounded_channel();
+        self.routes().insert(id, tx);
+        Call {
+            acks: self,
+            id,
+            replies,
+        }
+    }
+
+    fn routes(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, mpsc::UnboundedSender<(usize, Ack)>>> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Each waiting call's id and the channel of its acks (message index and
+/// answer).
+type Routes = HashMap<u64, mpsc::UnboundedSender<(usize, Ack)>>;
+
+impl Drop for Acks {
+    fn drop(&mut self) {
+        self.router.abort();
+    }
+}
+
+/// One `publish_batch` call's share of [`Acks`].
+struct Call<'a> {
+    acks: &'a Acks,
+    id: u64,
+    replies: mpsc::UnboundedReceiver<(usize, Ack)>,
+}
+
+impl Call<'_> {
+    /// The reply subject of message `index`.
+    fn reply(&self, index: usize) -> Subject {
+        Subject::from(format!("{}.{}.{index}", self.acks.inbox, self.id))
+    }
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        self.acks.routes().remove(&self.id);
     }
 }
 
@@ -518,6 +657,64 @@ async fn ensure_stream(context: &jetstream::Context, spec: &StreamSpec) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn reply(payload: &str, status: Option<StatusCode>) -> Ack {
+        Ack::read(&async_nats::Message {
+            subject: Subject::from("_INBOX.x.0.0"),
+            reply: None,
+            payload: bytes::Bytes::from(payload.to_string()),
+            headers: None,
+            status,
+            description: None,
+            length: payload.len(),
+        })
+    }
+
+    fn failed(ack: Ack) -> Error {
+        match ack {
+            Ack::Failed(e) => e.into(),
+            Ack::Stored => panic!("stored"),
+            Ack::NoStream => panic!("no stream"),
+        }
+    }
+
+    #[test]
+    fn acks_are_read_strictly() {
+        assert!(matches!(
+            reply(r#"{"stream":"S","seq":7}"#, None),
+            Ack::Stored
+        ));
+        assert!(matches!(
+            reply(r#"{"stream":"S","seq":7,"duplicate":true}"#, None),
+            Ack::Stored
+        ));
+        assert!(matches!(
+            reply("", Some(StatusCode::NO_RESPONDERS)),
+            Ack::NoStream
+        ));
+        let large = failed(reply(
+            r#"{"error":{"code":400,"err_code":10054,"description":"message size exceeds maximum allowed"}}"#,
+            None,
+        ));
+        assert_eq!(large.kind(), outbox_core::ErrorKind::TooLarge);
+        assert!(!large.is_transient());
+        let wrong = failed(reply(
+            r#"{"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 3"}}"#,
+            None,
+        ));
+        assert!(!wrong.is_transient());
+        let full = failed(reply(
+            r#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#,
+            None,
+        ));
+        assert_eq!(full.kind(), outbox_core::ErrorKind::Rejected);
+        assert!(full.is_transient());
+        // Anything else is not a store: retried, never counted as one.
+        for odd in ["{}", r#"{"seq":7}"#, "not json", ""] {
+            assert!(failed(reply(odd, None)).is_transient(), "{odd:?}");
+        }
+        assert!(failed(reply("", Some(StatusCode::TIMEOUT))).is_transient());
+    }
 
     #[test]
     fn stream_subjects_cover_with_wildcards() {

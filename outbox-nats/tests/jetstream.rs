@@ -222,3 +222,96 @@ async fn debug_output_hides_credentials() {
         "{debug}"
     );
 }
+
+/// A stream's refusals come back per message, each with its own verdict:
+/// too large for the stream is permanent, a full stream may clear later,
+/// and the neighbours of a refused message are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_refusal_fails_only_its_message() {
+    if !outbox_core::testing::require_service("nats", NATS_ADDR) {
+        return;
+    }
+    let u = unique();
+    let stream = format!("OUTBOX_REFUSE_{u}");
+    let js = jetstream().await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: stream.clone(),
+        subjects: vec![format!("refuse{u}.>")],
+        max_message_size: 1_024,
+        max_messages: 3,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let _cleanup = StreamCleanup(stream.clone());
+    let transport = NatsTransport::connect(NatsConfig::builder(NATS_URL).build().unwrap())
+        .await
+        .unwrap();
+    let topic = format!("refuse{u}.orders");
+    let big = Message::builder(&topic, vec![b'x'; 4_096]).build().unwrap();
+    let batch = [
+        message(&topic, 1),
+        big,
+        message(&topic, 2),
+        message(&topic, 3),
+        message(&topic, 4),
+    ];
+    let r = transport.publish_batch(&batch).await;
+    assert!(r[0].is_ok() && r[2].is_ok() && r[3].is_ok(), "{r:?}");
+    let too_large = r[1].as_ref().unwrap_err();
+    assert_eq!(too_large.kind(), ErrorKind::TooLarge, "{too_large}");
+    assert!(!too_large.is_transient(), "{too_large}");
+    let full = r[4].as_ref().unwrap_err();
+    assert_eq!(full.kind(), ErrorKind::Rejected, "{full}");
+    assert!(full.is_transient(), "{full}");
+    let stored = read_stream(&js, &stream, &topic).await;
+    let ids: Vec<_> = stored.iter().map(|r| r.id.unwrap()).collect();
+    assert_eq!(ids, vec![batch[0].id, batch[2].id, batch[3].id]);
+}
+
+/// A subject that something answers but no stream stores (a plain
+/// subscriber, no ack): each message fails as a transient timeout after
+/// `ack_timeout`, the window's slots come back, and the transport goes on
+/// publishing elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_publishes_time_out_and_free_the_window() {
+    if !outbox_core::testing::require_service("nats", NATS_ADDR) {
+        return;
+    }
+    let u = unique();
+    let listener = async_nats::connect(NATS_URL).await.unwrap();
+    let _sink = listener.subscribe(format!("stall{u}.>")).await.unwrap();
+    listener.flush().await.unwrap();
+    let stream = format!("OUTBOX_AFTER_{u}");
+    let js = jetstream().await;
+    create_stream(&js, &stream, &[&format!("after{u}.>")]).await;
+    let _cleanup = StreamCleanup(stream.clone());
+    let config = NatsConfig::builder(NATS_URL)
+        .max_in_flight(2)
+        .ack_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let transport = NatsTransport::connect(config).await.unwrap();
+
+    let stalled: Vec<Message> = (0..5).map(|i| message(&format!("stall{u}.x"), i)).collect();
+    let started = std::time::Instant::now();
+    let r = transport.publish_batch(&stalled).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    for e in &r {
+        let e = e.as_ref().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+        assert!(e.is_transient(), "{e}");
+    }
+    let r = transport
+        .publish_batch(&[
+            message(&format!("after{u}.x"), 1),
+            message(&format!("after{u}.x"), 2),
+        ])
+        .await;
+    assert!(r.iter().all(Result::is_ok), "{r:?}");
+}
