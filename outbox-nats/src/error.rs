@@ -100,10 +100,22 @@ impl NatsError {
     /// Maps the error a stream answered a publish with.
     pub(crate) fn from_ack(e: &async_nats::jetstream::Error) -> Self {
         let code = e.error_code();
-        if code == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM {
+        if code == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+            || code == ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM
+        {
             NatsError::TooLarge(e.to_string())
-        } else if code == ErrorCode::STREAM_WRONG_LAST_MESSAGE_ID
-            || code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE
+        } else if [
+            // What the message itself asks for (expected last id or
+            // sequence, stream name, TTL headers): a retry gets the same.
+            ErrorCode::STREAM_WRONG_LAST_MESSAGE_ID,
+            ErrorCode::STREAM_WRONG_LAST_SEQUENCE,
+            ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT,
+            ErrorCode::STREAM_EXPECTED_LAST_SEQ_PER_SUBJECT_INVALID,
+            ErrorCode::STREAM_NOT_MATCH,
+            ErrorCode::MESSAGE_TTL_INVALID,
+            ErrorCode::MESSAGE_TTL_DISABLED,
+        ]
+        .contains(&code)
         {
             NatsError::RefusedPermanently(e.to_string())
         } else {

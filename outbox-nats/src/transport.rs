@@ -70,6 +70,9 @@ impl NatsTransport {
         let addrs = server_addrs(&config.url)?;
         let mut options = ConnectOptions::new()
             .name(&config.client_name)
+            // Room for every ack of a full window in the ack subscription
+            // (the client drops what does not fit).
+            .subscription_capacity(config.max_in_flight.saturating_mul(2).max(65_536))
             .connection_timeout(config.connect_timeout)
             .request_timeout(Some(config.ack_timeout))
             .max_reconnects(None);
@@ -189,6 +192,13 @@ impl NatsTransport {
         results: &mut [Option<PublishResult>],
     ) -> Vec<usize> {
         let timeout = self.config.ack_timeout;
+        if acks.router.is_finished() {
+            let e = NatsError::Disconnected("the ack subscription has ended".into());
+            for &i in indices {
+                results[i] = Some(Err(e.clone().into()));
+            }
+            return Vec::new();
+        }
         let mut call = acks.register();
         // The window slot of every message still waiting for its ack.
         let mut waiting: HashMap<usize, OwnedSemaphorePermit> = HashMap::new();
@@ -198,18 +208,21 @@ impl NatsTransport {
         // The last send or ack: a server that answers nothing for a whole
         // `ack_timeout` after it fails what is still waiting.
         let mut progress = Instant::now();
+        // Records the first answer to a message still waiting; anything
+        // else (a duplicate, a stray reply) is not progress.
         let mut record = |(i, ack): (usize, Ack),
                           waiting: &mut HashMap<usize, OwnedSemaphorePermit>,
-                          results: &mut [Option<PublishResult>]| {
-            // Only the first answer to a message still waiting counts.
+                          results: &mut [Option<PublishResult>]|
+         -> bool {
             if waiting.remove(&i).is_none() {
-                return;
+                return false;
             }
             match ack {
                 Ack::Stored => results[i] = Some(Ok(())),
                 Ack::NoStream => no_stream.push(i),
                 Ack::Failed(e) => results[i] = Some(Err(e.into())),
             }
+            true
         };
         for &i in indices {
             let Some(m) = messages.get(i) else { continue };
@@ -236,13 +249,14 @@ impl NatsTransport {
                 tokio::select! {
                     biased;
                     Some(ack) = call.replies.recv(), if !waiting.is_empty() => {
-                        progress = Instant::now();
-                        record(ack, &mut waiting, results);
+                        if record(ack, &mut waiting, results) {
+                            progress = Instant::now();
+                        }
                     }
                     permit = self.window.clone().acquire_owned() => break permit.ok(),
                     // No ack for a whole timeout: what waits has failed
                     // (a dead connection is caught above, before sending).
-                    _ = tokio::time::sleep_until(progress + timeout), if !waiting.is_empty() => {
+                    _ = tokio::time::sleep_until(until(progress, timeout)), if !waiting.is_empty() => {
                         timed_out(&mut waiting, results, timeout);
                     }
                 }
@@ -271,10 +285,11 @@ impl NatsTransport {
             }
         }
         while !waiting.is_empty() {
-            match tokio::time::timeout_at(progress + timeout, call.replies.recv()).await {
+            match tokio::time::timeout_at(until(progress, timeout), call.replies.recv()).await {
                 Ok(Some(ack)) => {
-                    progress = Instant::now();
-                    record(ack, &mut waiting, results);
+                    if record(ack, &mut waiting, results) {
+                        progress = Instant::now();
+                    }
                 }
                 Ok(None) | Err(_) => timed_out(&mut waiting, results, timeout),
             }
@@ -461,22 +476,41 @@ impl Ack {
                 m.description.as_deref().unwrap_or_default()
             )));
         }
-        /// A PubAck names the stream that stored the message (a duplicate
-        /// within the window too: already stored); a refusal has `error`.
+        /// A PubAck names the stream that stored the message and its
+        /// sequence there (a duplicate within the window too: already
+        /// stored); a refusal has `error`.
         #[derive(serde::Deserialize)]
         struct Reply {
             error: Option<jetstream::Error>,
-            stream: Option<serde::de::IgnoredAny>,
+            stream: Option<String>,
+            seq: Option<u64>,
         }
         match serde_json::from_slice::<Reply>(&m.payload) {
             Ok(Reply { error: Some(e), .. }) => Ack::Failed(NatsError::from_ack(&e)),
             Ok(Reply {
-                stream: Some(_), ..
-            }) => Ack::Stored,
-            Ok(_) => Ack::Failed(NatsError::Other("an ack without a stream".into())),
+                stream: Some(stream),
+                seq: Some(_),
+                ..
+            }) if !stream.is_empty() => Ack::Stored,
+            Ok(_) => Ack::Failed(NatsError::Other("a reply that is not a PubAck".into())),
             Err(e) => Ack::Failed(NatsError::Other(format!("an unreadable ack: {e}"))),
         }
     }
+}
+
+/// The call token and message index of a reply subject
+/// `<prefix><call>.<index>`.
+fn route<'s>(subject: &'s str, prefix: &str) -> Option<(&'s str, usize)> {
+    let (call, index) = subject.strip_prefix(prefix)?.split_once('.')?;
+    Some((call, index.parse().ok()?))
+}
+
+/// When a wait that began at `progress` ends (a day at most, so that a
+/// huge `ack_timeout` cannot overflow the clock).
+fn until(progress: Instant, timeout: Duration) -> Instant {
+    progress
+        .checked_add(timeout)
+        .unwrap_or(progress + Duration::from_secs(86_400))
 }
 
 /// Fails every message still waiting for its ack (their slots go back to
@@ -498,8 +532,8 @@ fn timed_out(
 /// 5.2 this way (the transport alone).
 struct Acks {
     inbox: String,
+    client: Client,
     calls: Arc<std::sync::Mutex<Routes>>,
-    next: std::sync::atomic::AtomicU64,
     router: tokio::task::JoinHandle<()>,
 }
 
@@ -514,36 +548,34 @@ impl Acks {
         let (routes, prefix) = (calls.clone(), format!("{inbox}."));
         let router = tokio::spawn(async move {
             while let Some(m) = subscriber.next().await {
-                let Some((call, index)) = m
-                    .subject
-                    .strip_prefix(prefix.as_str())
-                    .and_then(|rest| rest.split_once('.'))
-                    .and_then(|(c, i)| Some((c.parse::<u64>().ok()?, i.parse::<usize>().ok()?)))
-                else {
+                let Some((call, index)) = route(&m.subject, &prefix) else {
                     continue;
                 };
+                let ack = Ack::read(&m);
                 let routes = routes.lock().unwrap_or_else(|p| p.into_inner());
                 // A call that gave up (timed out, dropped) is gone: its
                 // late acks are dropped; the relay publishes again.
-                if let Some(call) = routes.get(&call) {
-                    let _ = call.send((index, Ack::read(&m)));
+                if let Some(call) = routes.get(call) {
+                    let _ = call.send((index, ack));
                 }
             }
         });
         Ok(Acks {
             inbox,
+            client: client.clone(),
             calls,
-            next: std::sync::atomic::AtomicU64::new(0),
             router,
         })
     }
 
     /// A call's reply subjects and the channel its acks arrive on; dropped,
-    /// it stops receiving.
+    /// it stops receiving. Each call has a random token of its own, so
+    /// that no reply meant for another call, or guessed, reaches it.
     fn register(&self) -> Call<'_> {
-        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let inbox = self.client.new_inbox();
+        let id = inbox.rsplit('.').next().unwrap_or(&inbox).to_string();
         let (tx, replies) = mpsc::unbounded_channel();
-        self.routes().insert(id, tx);
+        self.routes().insert(id.clone(), tx);
         Call {
             acks: self,
             id,
@@ -551,16 +583,14 @@ impl Acks {
         }
     }
 
-    fn routes(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<u64, mpsc::UnboundedSender<(usize, Ack)>>> {
+    fn routes(&self) -> std::sync::MutexGuard<'_, Routes> {
         self.calls.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 /// Each waiting call's id and the channel of its acks (message index and
 /// answer).
-type Routes = HashMap<u64, mpsc::UnboundedSender<(usize, Ack)>>;
+type Routes = HashMap<String, mpsc::UnboundedSender<(usize, Ack)>>;
 
 impl Drop for Acks {
     fn drop(&mut self) {
@@ -571,7 +601,7 @@ impl Drop for Acks {
 /// One `publish_batch` call's share of [`Acks`].
 struct Call<'a> {
     acks: &'a Acks,
-    id: u64,
+    id: String,
     replies: mpsc::UnboundedReceiver<(usize, Ack)>,
 }
 
@@ -710,10 +740,38 @@ mod tests {
         assert_eq!(full.kind(), outbox_core::ErrorKind::Rejected);
         assert!(full.is_transient());
         // Anything else is not a store: retried, never counted as one.
-        for odd in ["{}", r#"{"seq":7}"#, "not json", ""] {
+        for odd in [
+            "{}",
+            r#"{"seq":7}"#,
+            r#"{"stream":"S"}"#,
+            r#"{"stream":"","seq":7}"#,
+            r#"{"stream":1,"seq":7}"#,
+            r#"{"stream":"S","seq":-1}"#,
+            "not json",
+            "",
+        ] {
             assert!(failed(reply(odd, None)).is_transient(), "{odd:?}");
         }
         assert!(failed(reply("", Some(StatusCode::TIMEOUT))).is_transient());
+    }
+
+    #[test]
+    fn reply_subjects_name_their_call_and_message() {
+        let prefix = "_INBOX.abc.";
+        assert_eq!(route("_INBOX.abc.tok.7", prefix), Some(("tok", 7)));
+        assert_eq!(route("_INBOX.abc.tok.0", prefix), Some(("tok", 0)));
+        for stray in [
+            "_INBOX.other.tok.7",
+            "_INBOX.abc.tok",
+            "_INBOX.abc.tok.7.8",
+            "_INBOX.abc.tok.x",
+            "_INBOX.abc.tok.-1",
+            "_INBOX.abc.tok.99999999999999999999999",
+            "_INBOX.abc.",
+            "",
+        ] {
+            assert_eq!(route(stray, prefix), None, "{stray:?}");
+        }
     }
 
     #[test]
