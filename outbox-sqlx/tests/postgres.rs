@@ -459,25 +459,17 @@ async fn two_kept(
         let (store, request, lease) = (store.clone(), request.clone(), b.lease.clone());
         async move { store.claim_ahead(&request, &lease).await }
     });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND strpos(query, $1) > 0",
-        )
-        .bind(format!("{table}_partitions"))
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        if waiting == 1 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the claim ahead did not wait for the lock"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let waiting = format!(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE wait_event_type = 'Lock' AND strpos(query, '{table}_partitions') > 0"
+    );
+    common::until_count(
+        pool,
+        &waiting,
+        1,
+        "the claim ahead did not wait for the lock",
+    )
+    .await;
     store.settle(&a.lease, &delivered(&a)).await.unwrap();
     blocker.rollback().await.unwrap();
     let c = claim.await.unwrap().unwrap().expect(refused);
@@ -650,18 +642,6 @@ async fn wake_reaches_a_waiting_relay_and_sends_nothing_otherwise() {
             .await
             .unwrap()
     };
-    async fn until_one(pool: &sqlx::PgPool, sql: &str, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while sqlx::query_scalar::<_, i64>(sql)
-            .fetch_one(pool)
-            .await
-            .unwrap()
-            < 1
-        {
-            assert!(Instant::now() < deadline, "{what}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
     let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
         .await
         .unwrap();
@@ -700,7 +680,7 @@ async fn wake_reaches_a_waiting_relay_and_sends_nothing_otherwise() {
     let running = relay.spawn();
     assert_eq!(rec.wait_for(1, Duration::from_secs(10)).await, 1);
     // Only a NOTIFY can deliver what is committed from now on.
-    until_one(&pool, &idle, "the idle relay wrote no entry").await;
+    common::until_count(&pool, &idle, 1, "the idle relay wrote no entry").await;
     commit(vec![msg()]).await;
     assert_eq!(
         rec.wait_for(2, Duration::from_secs(10)).await,
@@ -719,7 +699,7 @@ async fn wake_reaches_a_waiting_relay_and_sends_nothing_otherwise() {
     assert!(withdrawn, "a busy relay withdraws its entry");
     assert_eq!(rec.wait_for(5_002, Duration::from_secs(20)).await, 5_002);
     // Idle again: the entry is back and wake still reaches the relay.
-    until_one(&pool, &idle, "no entry once idle again").await;
+    common::until_count(&pool, &idle, 1, "no entry once idle again").await;
     commit(vec![msg()]).await;
     assert_eq!(rec.wait_for(5_003, Duration::from_secs(10)).await, 5_003);
     running.stop().await;

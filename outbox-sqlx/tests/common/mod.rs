@@ -69,3 +69,18 @@ impl StoreHarness for PgHarness {
         Ok(())
     }
 }
+
+/// Polls `sql` (one count) until it reaches `at_least`; fails with `what`
+/// after 10 s.
+pub async fn until_count(pool: &PgPool, sql: &str, at_least: i64, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+        < at_least
+    {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
