@@ -18,6 +18,10 @@
 //! dead letter) blocks later messages of its key through a row in the small
 //! `<table>_blocked` table, so claims never scan earlier rows of a key.
 //!
+//! Claims read the pending index from a floor below which no row is
+//! pending (see `floor`), not from its start: settled rows leave dead
+//! index entries there until VACUUM, and a claim would walk them all.
+//!
 //! Order per key is the order of `seq`, assigned at insert: for two
 //! concurrent transactions writing the same key, it is the order their
 //! inserts ran, which is the commit order when the key's business rows are
@@ -46,6 +50,8 @@ use crate::{
     dedupe, empty_claim, headers_from_json, sealed, secs, Enqueue, Outbox, Owners, StoreConfig,
     TableName, PARTITIONS,
 };
+
+mod floor;
 
 const ENGINE: &str = "postgres";
 
@@ -104,6 +110,12 @@ CREATE TABLE IF NOT EXISTS {t}_blocked (
     PRIMARY KEY (msg_key, seq)
 );
 CREATE SEQUENCE IF NOT EXISTS {t}_token;
+-- Requeues so far: a relay's claim floor holds only for the count it saw.
+CREATE TABLE IF NOT EXISTS {t}_requeues (
+    one   BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),
+    count BIGINT NOT NULL DEFAULT 0
+);
+INSERT INTO {t}_requeues DEFAULT VALUES ON CONFLICT DO NOTHING;
 -- Relays waiting for a wakeup (see `Outbox::wake`), until their entry expires.
 CREATE TABLE IF NOT EXISTS {t}_waiting (
     waiter TEXT PRIMARY KEY,
@@ -303,6 +315,8 @@ struct Inner {
     kept: std::sync::Mutex<Vec<PoolConnection<sqlx::Postgres>>>,
     /// Whether a task clears `kept` when the pool is closed.
     watching_close: std::sync::atomic::AtomicBool,
+    /// Where claims start reading the pending index.
+    floor: floor::Floor,
 }
 
 /// This store's entry in `<table>_waiting`: present while one of its relays
@@ -586,6 +600,7 @@ struct Sql {
     mine: String,
     release: String,
     acquire: String,
+    floor: floor::FloorSql,
 }
 
 impl Sql {
@@ -637,9 +652,10 @@ impl Sql {
                  claim_token = (SELECT v FROM tok) \
                WHERE owner = $1 RETURNING partition)"
         );
-        // `{filter}`: a claim ahead leaves out the owner's outstanding rows
-        // ($4). With a custom plan the array is a constant, so the check is
-        // a hash lookup and the scan keeps to the index in seq order.
+        // `{filter}`: the claim floor, and a claim ahead leaves out the
+        // owner's outstanding rows ($4). With a custom plan the array is a
+        // constant, so the check is a hash lookup and the scan keeps to the
+        // index in seq order.
         //
         // No `FOR UPDATE`: only the partitions' owner reads their rows, and
         // `mine` holds the partition rows locked until the claim commits, so
@@ -669,6 +685,7 @@ impl Sql {
                  SELECT tok.v AS token, tok.now AS now, c.* FROM tok LEFT JOIN c ON true"
             )
         };
+        let floor = floor::FloorSql::new(&t);
         Sql {
             // JIT off: a claim's cost estimate (a LIMIT over an index scan of
             // the whole pending index) can pass `jit_above_cost`, and
@@ -688,8 +705,11 @@ impl Sql {
                  ON CONFLICT (waiter) DO UPDATE SET until = EXCLUDED.until"
             ),
             withdraw: format!("DELETE FROM {t}_waiting WHERE waiter = $1"),
-            claim: claim(""),
-            claim_ahead: claim("AND NOT (t.id = ANY($4::uuid[]))"),
+            claim: claim(&floor.filter(4)),
+            claim_ahead: claim(&format!(
+                "AND NOT (t.id = ANY($4::uuid[])) {}",
+                floor.filter(5)
+            )),
             // `cardinality(..) > 0` lets the planner drop the parts of a
             // settle that have nothing to do (usually all but `d`): it had
             // planned them as whole-table scans on a table it thought small.
@@ -737,6 +757,7 @@ impl Sql {
                    WHERE owner IS NULL OR lease_until <= now() \
                    ORDER BY partition LIMIT $3 FOR UPDATE SKIP LOCKED)"
             ),
+            floor,
         }
     }
 }
@@ -774,6 +795,7 @@ impl PgStore {
                 listener,
                 kept: std::sync::Mutex::default(),
                 watching_close: std::sync::atomic::AtomicBool::new(false),
+                floor: floor::Floor::default(),
                 waiting: Waiting {
                     id: format!("{}-{}", std::process::id(), Uuid::now_v7()),
                     listening,
@@ -798,6 +820,14 @@ impl PgStore {
     /// The configuration.
     pub fn config(&self) -> &StoreConfig {
         &self.inner.config
+    }
+
+    /// The claim floor: the `seq` below which this store's claims do not
+    /// read the pending index, because no pending row is there (0 for
+    /// none). It moves up while relays are busy, once no transaction that
+    /// could still write a row below it is running.
+    pub fn claim_floor(&self) -> i64 {
+        self.inner.floor.get().0
     }
 
     /// Renews the owner's registration and moves partitions towards a fair
@@ -856,6 +886,7 @@ impl PgStore {
         let started = tokio::time::Instant::now();
         let ahead = exclude.is_some();
         let sql = &self.inner.sql;
+        let (floor, requeues) = self.inner.floor.get();
         let mut conn = RelayConn::begin(&self.inner, "claim").await?;
         let query = match exclude {
             Some(ids) => sqlx::query(&sql.claim_ahead)
@@ -868,6 +899,7 @@ impl PgStore {
                 .bind(limit)
                 .bind(secs(request.lease)),
         };
+        let query = query.bind(floor).bind(requeues);
         let rows = query
             .fetch_all(conn.db("claim")?)
             .await
@@ -879,7 +911,16 @@ impl PgStore {
             .first()
             .is_some_and(|r| matches!(column::<Option<Uuid>>(r, 2, true), Ok(Some(_))));
         conn.commit("claim", found).await?;
-        if !found {
+        if found {
+            // Settles follow: move the floor past what they delete, on a
+            // task of its own (claims do not wait for it).
+            if let Some(next) = self.inner.floor.due() {
+                let inner = self.inner.clone();
+                tokio::spawn(async move {
+                    inner.floor.step(&inner.pool, &inner.sql.floor, next).await;
+                });
+            }
+        } else {
             self.inner.return_kept();
         }
         let Some(first) = rows.first() else {
@@ -1336,17 +1377,21 @@ impl DeadLetters for PgStore {
         let t = self.inner.config.table.qualified("");
         let (topic, ids) = Self::selector(selector);
         let filter = SELECTOR_FILTER;
-        let n = sqlx::query(&format!(
-            "UPDATE {t} SET dead_at = NULL, attempts = 0, not_before = NULL, \
+        // Counted, so that claim floors above these rows stop holding.
+        let row = sqlx::query(&format!(
+            "WITH q AS (UPDATE {t} SET dead_at = NULL, attempts = 0, not_before = NULL, \
                lease_owner = NULL, lease_until = NULL, lease_token = NULL \
-             WHERE dead_at IS NOT NULL AND delivered_at IS NULL {filter}"
+             WHERE dead_at IS NOT NULL AND delivered_at IS NULL {filter} RETURNING 1), \
+             c AS (UPDATE {t}_requeues SET count = count + 1 WHERE EXISTS (SELECT 1 FROM q)) \
+             SELECT count(*) FROM q"
         ))
         .bind(topic)
         .bind(ids)
-        .execute(&self.inner.pool)
+        .fetch_one(&self.inner.pool)
         .await
-        .map_err(err("requeue"))?
-        .rows_affected();
+        .map_err(err("requeue"))?;
+        let n: i64 = row.try_get(0).map_err(err("requeue"))?;
+        let n = u64::try_from(n).unwrap_or(0);
         if n > 0 {
             self.inner.wakeup.notify_one();
         }

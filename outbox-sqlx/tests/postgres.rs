@@ -764,3 +764,143 @@ async fn wake_loses_no_wakeup_while_the_relay_goes_idle() {
     }
     running.stop().await;
 }
+
+/// Each round enqueues one message, claims and settles it as delivered, for
+/// `rounds` rounds 20 ms apart (a busy relay: the claim floor steps after
+/// claims that found messages, at most every 200 ms) or until `done`.
+/// Returns the ids delivered.
+async fn deliver_rounds(
+    pool: &sqlx::PgPool,
+    store: &outbox_sqlx::postgres::PgStore,
+    outbox: &Outbox,
+    rounds: usize,
+    done: impl Fn(&[outbox_core::MessageId]) -> bool,
+) -> Vec<outbox_core::MessageId> {
+    use outbox_core::{ClaimRequest, RelayId, Settlement, Store};
+    let request = ClaimRequest {
+        owner: RelayId::new("floor"),
+        limit: 100,
+        lease: std::time::Duration::from_secs(30),
+    };
+    let mut delivered = Vec::new();
+    for _ in 0..rounds {
+        let m = Message::builder("orders.placed", "x").build().unwrap();
+        let mut conn = pool.acquire().await.unwrap();
+        outbox.enqueue(&mut *conn, &m).await.unwrap();
+        drop(conn);
+        let claim = store.claim(&request).await.unwrap();
+        let ids: Vec<_> = claim.messages.iter().map(|m| m.id).collect();
+        let settlement = Settlement {
+            delivered: ids.clone(),
+            ..Settlement::default()
+        };
+        store.settle(&claim.lease, &settlement).await.unwrap();
+        delivered.extend(ids);
+        if done(&delivered) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    delivered
+}
+
+async fn seq_of<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    outbox: &Outbox,
+    id: outbox_core::MessageId,
+) -> i64 {
+    sqlx::query_scalar(&format!(
+        "SELECT seq FROM {} WHERE id = $1",
+        outbox.table_name()
+    ))
+    .bind(id.as_uuid())
+    .fetch_one(db)
+    .await
+    .unwrap()
+}
+
+/// The claim floor does not pass a row whose transaction is still open
+/// while later rows are delivered, and passes it once it is delivered.
+#[tokio::test]
+async fn the_claim_floor_waits_for_an_open_writer() {
+    let Some(pool) = pool(5).await else { return };
+    let (store, outbox) = fresh(&pool, StoreConfig::default().listen(false)).await;
+    let late = Message::builder("orders.placed", "late").build().unwrap();
+    let mut open = pool.begin().await.unwrap();
+    outbox.enqueue(&mut *open, &late).await.unwrap();
+    let late_seq = seq_of(&mut *open, &outbox, late.id).await;
+    // 1.5 s of later messages delivered while it is open.
+    let delivered = deliver_rounds(&pool, &store, &outbox, 75, |_| false).await;
+    assert_eq!(delivered.len(), 75);
+    assert!(
+        store.claim_floor() <= late_seq,
+        "the floor ({}) passed an open writer's row ({late_seq})",
+        store.claim_floor()
+    );
+    open.commit().await.unwrap();
+    let delivered = deliver_rounds(&pool, &store, &outbox, 250, |d| d.contains(&late.id)).await;
+    assert!(
+        delivered.contains(&late.id),
+        "the row committed late was never claimed (floor {})",
+        store.claim_floor()
+    );
+    // Now nothing holds the floor back.
+    deliver_rounds(&pool, &store, &outbox, 250, |_| {
+        store.claim_floor() > late_seq
+    })
+    .await;
+    assert!(
+        store.claim_floor() > late_seq,
+        "the floor ({}) stayed at or below a delivered row ({late_seq})",
+        store.claim_floor()
+    );
+}
+
+/// A dead letter requeued after the claim floor passed it is claimed again.
+#[tokio::test]
+async fn a_dead_letter_requeued_below_the_claim_floor_is_claimed() {
+    use outbox_core::{ClaimRequest, DeadLetters, Failure, RelayId, Selector, Settlement, Store};
+    let Some(pool) = pool(5).await else { return };
+    let (store, outbox) = fresh(&pool, StoreConfig::default().listen(false)).await;
+    let poison = Message::builder("orders.placed", "poison").build().unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    outbox.enqueue(&mut *conn, &poison).await.unwrap();
+    drop(conn);
+    let poison_seq = seq_of(&pool, &outbox, poison.id).await;
+    let request = ClaimRequest {
+        owner: RelayId::new("floor"),
+        limit: 100,
+        lease: std::time::Duration::from_secs(30),
+    };
+    let claim = store.claim(&request).await.unwrap();
+    assert_eq!(claim.messages.len(), 1);
+    let dead = Settlement {
+        dead: vec![Failure {
+            id: poison.id,
+            error: "refused".into(),
+        }],
+        ..Settlement::default()
+    };
+    store.settle(&claim.lease, &dead).await.unwrap();
+    deliver_rounds(&pool, &store, &outbox, 250, |_| {
+        store.claim_floor() > poison_seq
+    })
+    .await;
+    assert!(
+        store.claim_floor() > poison_seq,
+        "the floor ({}) never passed the dead letter ({poison_seq})",
+        store.claim_floor()
+    );
+    let n = store
+        .requeue(&Selector::Ids(vec![poison.id]))
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    // The very next claim reads from the start: the floor no longer holds.
+    let claim = store.claim(&request).await.unwrap();
+    assert!(
+        claim.messages.iter().any(|m| m.id == poison.id),
+        "the next claim missed the requeued dead letter (floor {})",
+        store.claim_floor()
+    );
+}
