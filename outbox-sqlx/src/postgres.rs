@@ -110,23 +110,18 @@ CREATE TABLE IF NOT EXISTS {t}_blocked (
     PRIMARY KEY (msg_key, seq)
 );
 CREATE SEQUENCE IF NOT EXISTS {t}_token;
--- Requeues so far: a relay's claim floor holds only for the count it saw.
-CREATE TABLE IF NOT EXISTS {t}_requeues (
-    one   BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),
-    count BIGINT NOT NULL DEFAULT 0
-);
-INSERT INTO {t}_requeues DEFAULT VALUES ON CONFLICT DO NOTHING;
 -- Relays waiting for a wakeup (see `Outbox::wake`), until their entry expires.
 CREATE TABLE IF NOT EXISTS {t}_waiting (
     waiter TEXT PRIMARY KEY,
     until  TIMESTAMPTZ NOT NULL
 );
-"#,
+{floor}"#,
         mask = PARTITIONS - 1,
         last = PARTITIONS - 1,
         pending = table.local("_pending"),
         dead = table.local("_dead"),
         delivered = table.local("_delivered"),
+        floor = floor::schema(&t, &table.local("")),
     )
 }
 
@@ -315,8 +310,8 @@ struct Inner {
     kept: std::sync::Mutex<Vec<PoolConnection<sqlx::Postgres>>>,
     /// Whether a task clears `kept` when the pool is closed.
     watching_close: std::sync::atomic::AtomicBool,
-    /// Where claims start reading the pending index.
-    floor: floor::Floor,
+    /// Steps of the claim floor (the floor is in the database).
+    floor: Arc<floor::Floor>,
 }
 
 /// This store's entry in `<table>_waiting`: present while one of its relays
@@ -685,7 +680,6 @@ impl Sql {
                  SELECT tok.v AS token, tok.now AS now, c.* FROM tok LEFT JOIN c ON true"
             )
         };
-        let floor = floor::FloorSql::new(&t);
         Sql {
             // JIT off: a claim's cost estimate (a LIMIT over an index scan of
             // the whole pending index) can pass `jit_above_cost`, and
@@ -705,10 +699,10 @@ impl Sql {
                  ON CONFLICT (waiter) DO UPDATE SET until = EXCLUDED.until"
             ),
             withdraw: format!("DELETE FROM {t}_waiting WHERE waiter = $1"),
-            claim: claim(&floor.filter(4)),
+            claim: claim(&floor::filter(&t)),
             claim_ahead: claim(&format!(
                 "AND NOT (t.id = ANY($4::uuid[])) {}",
-                floor.filter(5)
+                floor::filter(&t)
             )),
             // `cardinality(..) > 0` lets the planner drop the parts of a
             // settle that have nothing to do (usually all but `d`): it had
@@ -757,7 +751,7 @@ impl Sql {
                    WHERE owner IS NULL OR lease_until <= now() \
                    ORDER BY partition LIMIT $3 FOR UPDATE SKIP LOCKED)"
             ),
-            floor,
+            floor: floor::FloorSql::new(&t),
         }
     }
 }
@@ -795,7 +789,7 @@ impl PgStore {
                 listener,
                 kept: std::sync::Mutex::default(),
                 watching_close: std::sync::atomic::AtomicBool::new(false),
-                floor: floor::Floor::default(),
+                floor: Arc::default(),
                 waiting: Waiting {
                     id: format!("{}-{}", std::process::id(), Uuid::now_v7()),
                     listening,
@@ -822,12 +816,12 @@ impl PgStore {
         &self.inner.config
     }
 
-    /// The claim floor: the `seq` below which this store's claims do not
-    /// read the pending index, because no pending row is there (0 for
-    /// none). It moves up while relays are busy, once no transaction that
-    /// could still write a row below it is running.
-    pub fn claim_floor(&self) -> i64 {
-        self.inner.floor.get().0
+    /// The claim floor: the `seq` below which claims do not read the
+    /// pending index, because no row is pending there (0 for none). It
+    /// moves up while relays are busy, once no transaction that could still
+    /// write a row below it is running, and down when rows are requeued.
+    pub async fn claim_floor(&self) -> Result<i64> {
+        self.inner.sql.floor.get(&self.inner.pool).await
     }
 
     /// Renews the owner's registration and moves partitions towards a fair
@@ -886,7 +880,6 @@ impl PgStore {
         let started = tokio::time::Instant::now();
         let ahead = exclude.is_some();
         let sql = &self.inner.sql;
-        let (floor, requeues) = self.inner.floor.get();
         let mut conn = RelayConn::begin(&self.inner, "claim").await?;
         let query = match exclude {
             Some(ids) => sqlx::query(&sql.claim_ahead)
@@ -899,7 +892,6 @@ impl PgStore {
                 .bind(limit)
                 .bind(secs(request.lease)),
         };
-        let query = query.bind(floor).bind(requeues);
         let rows = query
             .fetch_all(conn.db("claim")?)
             .await
@@ -911,17 +903,14 @@ impl PgStore {
             .first()
             .is_some_and(|r| matches!(column::<Option<Uuid>>(r, 2, true), Ok(Some(_))));
         conn.commit("claim", found).await?;
-        if found {
-            // Settles follow: move the floor past what they delete, on a
-            // task of its own (claims do not wait for it).
-            if let Some(next) = self.inner.floor.due() {
-                let inner = self.inner.clone();
-                tokio::spawn(async move {
-                    inner.floor.step(&inner.pool, &inner.sql.floor, next).await;
-                });
-            }
-        } else {
+        if !found {
             self.inner.return_kept();
+        }
+        // Moves the floor past what settles delete (or back, after the
+        // sequence restarted), on a task of its own: claims do not wait.
+        if let Some(step) = self.inner.floor.due() {
+            let inner = self.inner.clone();
+            tokio::spawn(async move { step.run(&inner.pool, &inner.sql.floor).await });
         }
         let Some(first) = rows.first() else {
             return Ok(empty_claim(request));
@@ -1377,21 +1366,18 @@ impl DeadLetters for PgStore {
         let t = self.inner.config.table.qualified("");
         let (topic, ids) = Self::selector(selector);
         let filter = SELECTOR_FILTER;
-        // Counted, so that claim floors above these rows stop holding.
-        let row = sqlx::query(&format!(
-            "WITH q AS (UPDATE {t} SET dead_at = NULL, attempts = 0, not_before = NULL, \
+        // The table's trigger lowers the claim floor below these rows.
+        let n = sqlx::query(&format!(
+            "UPDATE {t} SET dead_at = NULL, attempts = 0, not_before = NULL, \
                lease_owner = NULL, lease_until = NULL, lease_token = NULL \
-             WHERE dead_at IS NOT NULL AND delivered_at IS NULL {filter} RETURNING 1), \
-             c AS (UPDATE {t}_requeues SET count = count + 1 WHERE EXISTS (SELECT 1 FROM q)) \
-             SELECT count(*) FROM q"
+             WHERE dead_at IS NOT NULL AND delivered_at IS NULL {filter}"
         ))
         .bind(topic)
         .bind(ids)
-        .fetch_one(&self.inner.pool)
+        .execute(&self.inner.pool)
         .await
-        .map_err(err("requeue"))?;
-        let n: i64 = row.try_get(0).map_err(err("requeue"))?;
-        let n = u64::try_from(n).unwrap_or(0);
+        .map_err(err("requeue"))?
+        .rows_affected();
         if n > 0 {
             self.inner.wakeup.notify_one();
         }

@@ -776,19 +776,14 @@ async fn deliver_rounds(
     rounds: usize,
     done: impl Fn(&[outbox_core::MessageId]) -> bool,
 ) -> Vec<outbox_core::MessageId> {
-    use outbox_core::{ClaimRequest, RelayId, Settlement, Store};
-    let request = ClaimRequest {
-        owner: RelayId::new("floor"),
-        limit: 100,
-        lease: std::time::Duration::from_secs(30),
-    };
+    use outbox_core::{Settlement, Store};
     let mut delivered = Vec::new();
     for _ in 0..rounds {
         let m = Message::builder("orders.placed", "x").build().unwrap();
         let mut conn = pool.acquire().await.unwrap();
         outbox.enqueue(&mut *conn, &m).await.unwrap();
         drop(conn);
-        let claim = store.claim(&request).await.unwrap();
+        let claim = store.claim(&floor_request()).await.unwrap();
         let ids: Vec<_> = claim.messages.iter().map(|m| m.id).collect();
         let settlement = Settlement {
             delivered: ids.clone(),
@@ -802,6 +797,31 @@ async fn deliver_rounds(
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     delivered
+}
+
+fn floor_request() -> outbox_core::ClaimRequest {
+    outbox_core::ClaimRequest {
+        owner: outbox_core::RelayId::new("floor"),
+        limit: 100,
+        lease: std::time::Duration::from_secs(30),
+    }
+}
+
+/// Delivers rounds until the claim floor is above `seq` (at most 5 s).
+async fn floor_above(
+    pool: &sqlx::PgPool,
+    store: &outbox_sqlx::postgres::PgStore,
+    outbox: &Outbox,
+    seq: i64,
+) -> i64 {
+    for _ in 0..25 {
+        deliver_rounds(pool, store, outbox, 10, |_| false).await;
+        let floor = store.claim_floor().await.unwrap();
+        if floor > seq {
+            return floor;
+        }
+    }
+    store.claim_floor().await.unwrap()
 }
 
 async fn seq_of<'c>(
@@ -832,75 +852,127 @@ async fn the_claim_floor_waits_for_an_open_writer() {
     // 1.5 s of later messages delivered while it is open.
     let delivered = deliver_rounds(&pool, &store, &outbox, 75, |_| false).await;
     assert_eq!(delivered.len(), 75);
+    let floor = store.claim_floor().await.unwrap();
     assert!(
-        store.claim_floor() <= late_seq,
-        "the floor ({}) passed an open writer's row ({late_seq})",
-        store.claim_floor()
+        floor <= late_seq,
+        "the floor ({floor}) passed an open writer's row ({late_seq})"
     );
     open.commit().await.unwrap();
     let delivered = deliver_rounds(&pool, &store, &outbox, 250, |d| d.contains(&late.id)).await;
     assert!(
         delivered.contains(&late.id),
-        "the row committed late was never claimed (floor {})",
-        store.claim_floor()
+        "the row committed late was never claimed"
     );
     // Now nothing holds the floor back.
-    deliver_rounds(&pool, &store, &outbox, 250, |_| {
-        store.claim_floor() > late_seq
-    })
-    .await;
+    let floor = floor_above(&pool, &store, &outbox, late_seq).await;
     assert!(
-        store.claim_floor() > late_seq,
-        "the floor ({}) stayed at or below a delivered row ({late_seq})",
-        store.claim_floor()
+        floor > late_seq,
+        "the floor ({floor}) stayed at or below a delivered row ({late_seq})"
     );
 }
 
-/// A dead letter requeued after the claim floor passed it is claimed again.
+/// A dead letter requeued after the claim floor passed it, by the store or
+/// by hand, is claimed by the very next claim.
 #[tokio::test]
 async fn a_dead_letter_requeued_below_the_claim_floor_is_claimed() {
-    use outbox_core::{ClaimRequest, DeadLetters, Failure, RelayId, Selector, Settlement, Store};
+    use outbox_core::{DeadLetters, Failure, Selector, Settlement, Store};
     let Some(pool) = pool(5).await else { return };
     let (store, outbox) = fresh(&pool, StoreConfig::default().listen(false)).await;
-    let poison = Message::builder("orders.placed", "poison").build().unwrap();
-    let mut conn = pool.acquire().await.unwrap();
-    outbox.enqueue(&mut *conn, &poison).await.unwrap();
-    drop(conn);
-    let poison_seq = seq_of(&pool, &outbox, poison.id).await;
-    let request = ClaimRequest {
-        owner: RelayId::new("floor"),
-        limit: 100,
-        lease: std::time::Duration::from_secs(30),
-    };
-    let claim = store.claim(&request).await.unwrap();
-    assert_eq!(claim.messages.len(), 1);
-    let dead = Settlement {
-        dead: vec![Failure {
-            id: poison.id,
-            error: "refused".into(),
-        }],
-        ..Settlement::default()
-    };
-    store.settle(&claim.lease, &dead).await.unwrap();
-    deliver_rounds(&pool, &store, &outbox, 250, |_| {
-        store.claim_floor() > poison_seq
-    })
-    .await;
-    assert!(
-        store.claim_floor() > poison_seq,
-        "the floor ({}) never passed the dead letter ({poison_seq})",
-        store.claim_floor()
+    for by_hand in [false, true] {
+        let poison = Message::builder("orders.placed", "poison").build().unwrap();
+        let mut conn = pool.acquire().await.unwrap();
+        outbox.enqueue(&mut *conn, &poison).await.unwrap();
+        drop(conn);
+        let poison_seq = seq_of(&pool, &outbox, poison.id).await;
+        let claim = store.claim(&floor_request()).await.unwrap();
+        assert_eq!(claim.messages.len(), 1);
+        let dead = Settlement {
+            dead: vec![Failure {
+                id: poison.id,
+                error: "refused".into(),
+            }],
+            ..Settlement::default()
+        };
+        store.settle(&claim.lease, &dead).await.unwrap();
+        let floor = floor_above(&pool, &store, &outbox, poison_seq).await;
+        assert!(
+            floor > poison_seq,
+            "the floor ({floor}) never passed the dead letter ({poison_seq})"
+        );
+        if by_hand {
+            sqlx::query(&format!(
+                "UPDATE {} SET dead_at = NULL WHERE id = $1",
+                outbox.table_name()
+            ))
+            .bind(poison.id.as_uuid())
+            .execute(&pool)
+            .await
+            .unwrap();
+        } else {
+            let n = store
+                .requeue(&Selector::Ids(vec![poison.id]))
+                .await
+                .unwrap();
+            assert_eq!(n, 1);
+        }
+        let claim = store.claim(&floor_request()).await.unwrap();
+        assert!(
+            claim.messages.iter().any(|m| m.id == poison.id),
+            "by hand {by_hand}: the next claim missed the requeued dead letter (floor {})",
+            store.claim_floor().await.unwrap()
+        );
+        let settlement = Settlement {
+            delivered: claim.messages.iter().map(|m| m.id).collect(),
+            ..Settlement::default()
+        };
+        store.settle(&claim.lease, &settlement).await.unwrap();
+    }
+}
+
+/// A table emptied with its sequence restarted: the floor starts over, and
+/// new rows (with small `seq` again) are claimed.
+#[tokio::test]
+async fn the_claim_floor_starts_over_when_the_sequence_restarts() {
+    let Some(pool) = pool(5).await else { return };
+    let (store, outbox) = fresh(&pool, StoreConfig::default().listen(false)).await;
+    let floor = floor_above(&pool, &store, &outbox, 20).await;
+    assert!(floor > 20, "the floor ({floor}) did not move");
+    sqlx::query(&format!(
+        "TRUNCATE {} RESTART IDENTITY",
+        outbox.table_name()
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    // The first rounds may miss their rows until a step sees the sequence
+    // went back; none is lost.
+    let mut sent = 0;
+    let mut delivered = 0;
+    for _ in 0..50 {
+        delivered += deliver_rounds(&pool, &store, &outbox, 1, |_| false)
+            .await
+            .len();
+        sent += 1;
+        if delivered == sent {
+            break;
+        }
+    }
+    assert_eq!(
+        delivered, sent,
+        "rows below the old floor were never claimed"
     );
-    let n = store
-        .requeue(&Selector::Ids(vec![poison.id]))
-        .await
-        .unwrap();
-    assert_eq!(n, 1);
-    // The very next claim reads from the start: the floor no longer holds.
-    let claim = store.claim(&request).await.unwrap();
+    assert!(store.claim_floor().await.unwrap() < floor);
+}
+
+/// The schema in the workspace README (for users of their own migration
+/// tool) is the one `migrate` applies.
+#[test]
+fn the_readme_shows_the_schema_migrate_applies() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("the workspace README");
+    let schema = outbox_sqlx::postgres::schema(&outbox_sqlx::TableName::default());
     assert!(
-        claim.messages.iter().any(|m| m.id == poison.id),
-        "the next claim missed the requeued dead letter (floor {})",
-        store.claim_floor()
+        readme.contains(schema.trim_end()),
+        "README.md's PostgreSQL schema differs from postgres::schema():\n{schema}"
     );
 }

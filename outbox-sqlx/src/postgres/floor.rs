@@ -1,5 +1,6 @@
-//! The claim floor: a `seq` below which no pending row exists, so that a
-//! claim starts its walk of the pending index there.
+//! The claim floor: a `seq` below which no row is pending, kept in
+//! `<table>_floor`, so that a claim starts its walk of the pending index
+//! there.
 //!
 //! Why: a settled row leaves a dead entry in the pending index until VACUUM
 //! removes it, and a claim walks the index from its start. Draining a
@@ -7,37 +8,39 @@
 //! index pages: 8.5 ms per claim against 0.4 ms after a VACUUM (PostgreSQL
 //! 15), and autovacuum runs at most once a minute.
 //!
-//! The floor is safe because it moves only in steps that see every row
-//! below it:
+//! The floor moves up only in steps that see every row below it:
 //!
 //! 1. Read `last`, the last `seq` handed out (the identity sequence's own
-//!    value; `seq` comes from nothing else).
-//! 2. Then read the transactions holding a lock on the table that lets them
-//!    write (`writers`). A transaction takes that lock before its insert
-//!    draws a `seq`, and holds it to its end. So every row with `seq <=
-//!    last` is from a transaction that had ended by step 2 or is in
-//!    `writers`; any transaction that takes the lock later draws a larger
-//!    `seq`.
-//! 3. Once none of `writers` holds its lock any more (a later step), every
-//!    row with `seq <= last` that will ever commit has committed: a new
-//!    statement sees them all. The floor becomes the lowest pending `seq`
-//!    up to `last`, or `last + 1` when there is none.
+//!    value).
+//! 2. Then read the transactions holding `RowExclusiveLock` on the table
+//!    (`writers`). Every insert takes that lock before it draws a `seq` and
+//!    holds it to its transaction's end. So every row with `seq <= last` is
+//!    from a transaction that had ended by step 2 or is in `writers`, and a
+//!    transaction that takes the lock later draws a larger `seq`.
+//! 3. Once none of `writers` holds the lock any more (a later step), a new
+//!    statement sees every row with `seq <= last` that will ever commit. The
+//!    floor becomes the lowest pending `seq` up to `last`, or `last + 1`.
 //!
-//! Only one thing makes an older row pending again: a requeue of dead
-//! letters. Each requeue counts itself in `<table>_requeues`, in its own
-//! transaction, and a floor holds only for the count it was taken at; a
-//! claim that sees another count reads from the start, until the next step.
-//! Rows made pending again by hand (an `UPDATE` outside the store) are
-//! claimed only once the store starts over (a new process). A prepared
-//! (two-phase) transaction holding a write lock on the table stops the
-//! floor from moving until it ends. A sequence with a cache above 1 hands
-//! out values out of order, so the floor then stays off.
+//! It moves down with anything that makes a row pending again: a trigger on
+//! `UPDATE` (a requeue, by the store or by hand) lowers it in the same
+//! transaction, and step 3 moves it only if it did not change meanwhile.
+//! Being a row, it is as durable as the rows it describes: after a crash
+//! (settles commit asynchronously) or a failover, the floor and the rows
+//! come back from the same stretch of WAL. A sequence that went back
+//! (`TRUNCATE ... RESTART IDENTITY`) resets it at the next step.
+//!
+//! Assumed: `seq` comes only from its identity (no `OVERRIDING SYSTEM
+//! VALUE`), and the sequence hands out values in order (`CACHE 1`, the
+//! default; with another cache, or without the right to read the sequence,
+//! the floor stays where it is and a warning says why). A prepared (two-
+//! phase) transaction holding the lock keeps the floor still until it ends.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgPool;
 use sqlx::Row;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::err;
 
@@ -45,7 +48,31 @@ use super::err;
 /// statements; the walk a floor saves grows by what is settled meanwhile).
 const STEP: Duration = Duration::from_millis(200);
 
-/// A store's floor, shared by its relays.
+/// The schema of the floor, part of `schema()`: the table, and the trigger
+/// that lowers the floor when an `UPDATE` makes rows pending.
+pub(super) fn schema(t: &str, name: &str) -> String {
+    format!(
+        r#"-- The claim floor: no pending row has a smaller seq.
+CREATE TABLE IF NOT EXISTS {t}_floor (
+    one     BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),
+    seq     BIGINT NOT NULL DEFAULT 0,
+    version BIGINT NOT NULL DEFAULT 0
+);
+INSERT INTO {t}_floor DEFAULT VALUES ON CONFLICT DO NOTHING;
+-- Rows made pending again (a requeue, also by hand) lower the floor.
+CREATE OR REPLACE FUNCTION {t}_floor_lower() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN UPDATE {t}_floor f SET seq = n.seq, version = f.version + 1 FROM (SELECT min(seq) AS seq FROM changed WHERE delivered_at IS NULL AND dead_at IS NULL) n WHERE n.seq < f.seq; RETURN NULL; END $$;
+DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = '{name}_floor' AND tgrelid = '{t}'::regclass) THEN CREATE TRIGGER {name}_floor AFTER UPDATE ON {t} REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION {t}_floor_lower(); END IF; END $$;
+"#
+    )
+}
+
+/// The claims' condition on `t.seq`.
+pub(super) fn filter(t: &str) -> String {
+    format!("AND t.seq >= COALESCE((SELECT seq FROM {t}_floor), 0)")
+}
+
+/// A store's stepping state, shared by its relays (the floor itself is in
+/// the database).
 #[derive(Default)]
 pub(super) struct Floor {
     state: std::sync::Mutex<State>,
@@ -53,76 +80,87 @@ pub(super) struct Floor {
 
 #[derive(Default)]
 struct State {
-    /// No pending row has a smaller `seq`, while `requeues` is the table's
-    /// count (0 until the first step: no floor).
-    seq: i64,
-    requeues: i64,
-    /// A step under way: `last` and `writers` of steps 1 and 2.
+    /// Steps 1 and 2 done: `last` and `writers`.
     next: Option<Next>,
     stepped: Option<Instant>,
     /// A step is running (one at a time).
     stepping: bool,
-    /// The sequence caches values: no floor.
+    /// The sequence cannot be read or caches values: no more steps.
     off: bool,
 }
 
 /// `last` and `writers` of steps 1 and 2.
-pub(super) type Next = (i64, Vec<String>);
+type Next = (i64, Vec<String>);
 
 /// The statements, built once from the validated table name.
 pub(super) struct FloorSql {
-    /// The claims' filter (`{floor}` and `{requeues}` are the binds).
-    table: String,
+    get: String,
     last: String,
+    reset: String,
     writers: String,
     writing: String,
-    lowest: String,
+    raise: String,
 }
 
-/// Lock modes a transaction may write the table under.
-const WRITE_LOCKS: &str = "mode NOT IN ('AccessShareLock', 'RowShareLock')";
-const THIS_DB: &str =
-    "locktype = 'relation' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+const HOLDERS: &str = "locktype = 'relation' \
+     AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+     AND mode = 'RowExclusiveLock'";
 
 impl FloorSql {
-    pub(super) fn new(table: &str) -> Self {
+    pub(super) fn new(t: &str) -> Self {
+        let readable = "has_sequence_privilege(s, 'SELECT, USAGE')";
         FloorSql {
-            table: table.to_string(),
+            get: format!("SELECT seq FROM {t}_floor"),
             last: format!(
-                "SELECT pg_sequence_last_value(s), \
-                   (SELECT seqcache FROM pg_sequence WHERE seqrelid = s) \
-                 FROM (SELECT pg_get_serial_sequence('{table}', 'seq')::regclass AS s) x"
+                "SELECT {readable}, CASE WHEN {readable} THEN pg_sequence_last_value(s) END, \
+                   (SELECT seqcache FROM pg_sequence WHERE seqrelid = s), \
+                   (SELECT seq FROM {t}_floor) \
+                 FROM (SELECT pg_get_serial_sequence('{t}', 'seq')::regclass AS s) x"
             ),
+            reset: format!("UPDATE {t}_floor SET seq = 0, version = version + 1 WHERE seq > 0"),
             writers: format!(
                 "SELECT coalesce(array_agg(DISTINCT virtualtransaction), '{{}}') FROM pg_locks \
-                 WHERE {THIS_DB} AND relation = '{table}'::regclass AND {WRITE_LOCKS}"
+                 WHERE {HOLDERS} AND relation = '{t}'::regclass"
             ),
             // Prepared transactions hold their locks under another name
             // (and no pid): any of them on the table counts as writing.
             writing: format!(
-                "SELECT EXISTS (SELECT 1 FROM pg_locks \
-                 WHERE {THIS_DB} AND relation = '{table}'::regclass AND {WRITE_LOCKS} \
-                   AND (virtualtransaction = ANY($1) OR pid IS NULL))"
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE {HOLDERS} \
+                   AND relation = '{t}'::regclass AND (virtualtransaction = ANY($1) OR pid IS NULL))"
             ),
-            // Reads on from the old floor only if no requeue came between.
-            lowest: format!(
-                "SELECT r.count, (SELECT min(seq) FROM {table} \
-                   WHERE delivered_at IS NULL AND dead_at IS NULL AND seq <= $1 \
-                     AND seq >= CASE WHEN r.count = $2 THEN $3 ELSE 0 END) \
-                 FROM {table}_requeues r"
+            // Only if the floor did not change since this statement's
+            // snapshot (a requeue lowered it): the re-check after waiting
+            // for its row lock sees the new version.
+            raise: format!(
+                "UPDATE {t}_floor f SET seq = x.seq, version = f.version + 1 \
+                 FROM (SELECT coalesce((SELECT min(seq) FROM {t} \
+                         WHERE delivered_at IS NULL AND dead_at IS NULL \
+                           AND seq >= o.seq AND seq <= $1), $1 + 1) AS seq, o.version \
+                       FROM {t}_floor o) x \
+                 WHERE f.version = x.version AND x.seq > f.seq"
             ),
         }
     }
 
-    /// The claims' condition on `t.seq`, with the floor and the requeue
-    /// count it holds for as parameters `$floor` and `$floor + 1`.
-    pub(super) fn filter(&self, floor: usize) -> String {
-        format!(
-            "AND t.seq >= COALESCE((SELECT ${floor}::bigint FROM {}_requeues \
-                                   WHERE count = ${}), 0)",
-            self.table,
-            floor + 1
-        )
+    /// The floor now.
+    pub(super) async fn get(&self, pool: &PgPool) -> outbox_core::Result<i64> {
+        let floor: Option<i64> = sqlx::query_scalar(&self.get)
+            .fetch_optional(pool)
+            .await
+            .map_err(err("claim"))?;
+        Ok(floor.unwrap_or(0))
+    }
+}
+
+/// A step to take, marked as running until dropped.
+pub(super) struct Step {
+    floor: Arc<Floor>,
+    next: Option<Next>,
+}
+
+impl Drop for Step {
+    fn drop(&mut self) {
+        self.floor.state().stepping = false;
     }
 }
 
@@ -131,37 +169,27 @@ impl Floor {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The floor and the requeue count it holds for, to bind into a claim.
-    pub(super) fn get(&self) -> (i64, i64) {
-        let s = self.state();
-        (s.seq, s.requeues)
-    }
-
-    /// When a step is due and none is running: the step to take (`None`:
-    /// steps 1 and 2, else step 3), now marked as running. The caller runs
-    /// it with [`step`](Self::step).
-    pub(super) fn due(&self) -> Option<Option<Next>> {
+    /// The next step, when one is due and none is running.
+    pub(super) fn due(self: &Arc<Self>) -> Option<Step> {
         let mut s = self.state();
         if s.off || s.stepping || s.stepped.is_some_and(|t| t.elapsed() < STEP) {
             return None;
         }
         s.stepping = true;
         s.stepped = Some(Instant::now());
-        Some(s.next.take())
+        let next = s.next.take();
+        Some(Step {
+            floor: self.clone(),
+            next,
+        })
     }
+}
 
-    /// Runs a step [`due`](Self::due) returned. A failed step starts over
-    /// later; the floor stays where it was, which is safe.
-    pub(super) async fn step(&self, pool: &PgPool, sql: &FloorSql, next: Option<Next>) {
-        /// Ends the step however it ends (also when its task is dropped).
-        struct Running<'a>(&'a Floor);
-        impl Drop for Running<'_> {
-            fn drop(&mut self) {
-                self.0.state().stepping = false;
-            }
-        }
-        let _running = Running(self);
-        let stepped = match next {
+impl Step {
+    /// Runs the step. A failed step starts over later; the floor stays
+    /// where it was, which is safe.
+    pub(super) async fn run(mut self, pool: &PgPool, sql: &FloorSql) {
+        let stepped = match self.next.take() {
             None => self.begin(pool, sql).await,
             Some(next) => self.finish(pool, sql, next).await,
         };
@@ -177,22 +205,34 @@ impl Floor {
             .fetch_one(pool)
             .await
             .map_err(err("claim"))?;
-        let last: Option<i64> = row.try_get(0).map_err(err("claim"))?;
-        let cache: Option<i64> = row.try_get(1).map_err(err("claim"))?;
-        if cache != Some(1) {
-            debug!(?cache, "the seq sequence caches values: no claim floor");
-            self.state().off = true;
+        let readable: bool = row.try_get(0).map_err(err("claim"))?;
+        let last: Option<i64> = row.try_get(1).map_err(err("claim"))?;
+        let cache: Option<i64> = row.try_get(2).map_err(err("claim"))?;
+        let floor: Option<i64> = row.try_get(3).map_err(err("claim"))?;
+        if !readable || cache != Some(1) {
+            warn!(
+                readable,
+                ?cache,
+                "the claim floor stays where it is: the relay's role cannot read the seq \
+                 sequence, or the sequence caches values; claims read the pending index \
+                 from further down"
+            );
+            self.floor.state().off = true;
             return Ok(());
         }
-        // Nothing handed out yet (or not readable): nothing to skip.
-        let Some(last) = last else {
+        // Nothing handed out yet, or the sequence went back: start over.
+        let Some(last) = last.filter(|l| *l >= floor.unwrap_or(0).saturating_sub(1)) else {
+            sqlx::query(&sql.reset)
+                .execute(pool)
+                .await
+                .map_err(err("claim"))?;
             return Ok(());
         };
         let writers: Vec<String> = sqlx::query_scalar(&sql.writers)
             .fetch_one(pool)
             .await
             .map_err(err("claim"))?;
-        self.state().next = Some((last, writers));
+        self.floor.state().next = Some((last, writers));
         Ok(())
     }
 
@@ -209,25 +249,14 @@ impl Floor {
             .await
             .map_err(err("claim"))?;
         if writing {
-            self.state().next = Some((last, writers));
+            self.floor.state().next = Some((last, writers));
             return Ok(());
         }
-        let (seq, requeues) = self.get();
-        let row = sqlx::query(&sql.lowest)
+        sqlx::query(&sql.raise)
             .bind(last)
-            .bind(requeues)
-            .bind(seq)
-            .fetch_optional(pool)
+            .execute(pool)
             .await
             .map_err(err("claim"))?;
-        let Some(row) = row else {
-            return Ok(());
-        };
-        let count: i64 = row.try_get(0).map_err(err("claim"))?;
-        let lowest: Option<i64> = row.try_get(1).map_err(err("claim"))?;
-        let mut s = self.state();
-        s.seq = lowest.unwrap_or(last.saturating_add(1));
-        s.requeues = count;
         Ok(())
     }
 }
