@@ -132,8 +132,9 @@ pub struct NatsConfig {
     /// transport (default 1,024).
     pub max_in_flight: usize,
     /// How long a call waits with no PubAck coming before the messages still
-    /// unanswered fail as transient timeouts (JetStream), or a batch for the
-    /// server round trip (core) (default 10 s).
+    /// unanswered fail as transient timeouts (JetStream; they fail at once
+    /// when the connection is lost), or a batch for the server round trip
+    /// (core) (default 10 s).
     #[serde(with = "outbox_core::settings::millis", rename = "ack_timeout_ms")]
     pub ack_timeout: Duration,
     /// How long connecting may take (default 5 s).

@@ -9,13 +9,13 @@ use async_nats::connection::State;
 use async_nats::header::{HeaderMap, HeaderName, HeaderValue, NATS_MESSAGE_ID};
 use async_nats::jetstream::context::GetStreamByNameErrorKind;
 use async_nats::jetstream::{self, stream};
-use async_nats::{Client, ConnectOptions, StatusCode, Subject};
+use async_nats::{Client, ConnectOptions, Event, StatusCode, Subject};
 use async_trait::async_trait;
 use futures_util::stream::StreamExt;
 use outbox_core::router::pattern_matches;
 use outbox_core::wire::{ID_HEADER, KEY_HEADER, TOPIC_HEADER};
 use outbox_core::{Error, Message, PublishResult, Transport};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::{server_addrs, validate_subject, NatsConfig, NatsMode, StreamSpec};
@@ -35,6 +35,8 @@ pub struct NatsTransport {
     /// Where JetStream acks arrive (JetStream mode only).
     acks: Option<Acks>,
     window: Arc<Semaphore>,
+    /// Connections lost so far (the client reconnects by itself).
+    lost: watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for NatsTransport {
@@ -76,6 +78,18 @@ impl NatsTransport {
             .connection_timeout(config.connect_timeout)
             .request_timeout(Some(config.ack_timeout))
             .max_reconnects(None);
+        // Acks awaited over a lost connection never come: counting losses
+        // lets a call fail them at once instead of after `ack_timeout`.
+        let (lost_tx, lost) = watch::channel(0u64);
+        let lost_tx = Arc::new(lost_tx);
+        options = options.event_callback(move |event| {
+            let lost = lost_tx.clone();
+            async move {
+                if matches!(event, Event::Disconnected) {
+                    lost.send_modify(|n| *n = n.wrapping_add(1));
+                }
+            }
+        });
         if let Some(token) = &config.token {
             options = options.token(token.clone());
         }
@@ -128,6 +142,7 @@ impl NatsTransport {
             jetstream,
             acks,
             window,
+            lost,
         })
     }
 
@@ -200,6 +215,8 @@ impl NatsTransport {
             return Vec::new();
         }
         let mut call = acks.register();
+        let mut lost = self.lost.clone();
+        lost.mark_unchanged();
         // The window slot of every message still waiting for its ack.
         let mut waiting: HashMap<usize, OwnedSemaphorePermit> = HashMap::new();
         let mut no_stream = Vec::new();
@@ -254,6 +271,9 @@ impl NatsTransport {
                         }
                     }
                     permit = self.window.clone().acquire_owned() => break permit.ok(),
+                    Ok(()) = lost.changed(), if !waiting.is_empty() => {
+                        cut_off(&mut waiting, results);
+                    }
                     // No ack for a whole timeout: what waits has failed
                     // (a dead connection is caught above, before sending).
                     _ = tokio::time::sleep_until(until(progress, timeout)), if !waiting.is_empty() => {
@@ -261,6 +281,11 @@ impl NatsTransport {
                     }
                 }
             };
+            // A loss seen now came after the sends still waiting.
+            if lost.has_changed().unwrap_or(false) {
+                lost.mark_unchanged();
+                cut_off(&mut waiting, results);
+            }
             let send = self.client.publish_with_reply_and_headers(
                 subject,
                 call.reply(i),
@@ -285,13 +310,20 @@ impl NatsTransport {
             }
         }
         while !waiting.is_empty() {
-            match tokio::time::timeout_at(until(progress, timeout), call.replies.recv()).await {
-                Ok(Some(ack)) => {
-                    if record(ack, &mut waiting, results) {
-                        progress = Instant::now();
+            tokio::select! {
+                biased;
+                ack = call.replies.recv() => match ack {
+                    Some(ack) => {
+                        if record(ack, &mut waiting, results) {
+                            progress = Instant::now();
+                        }
                     }
+                    None => timed_out(&mut waiting, results, timeout),
+                },
+                Ok(()) = lost.changed() => cut_off(&mut waiting, results),
+                _ = tokio::time::sleep_until(until(progress, timeout)) => {
+                    timed_out(&mut waiting, results, timeout);
                 }
-                Ok(None) | Err(_) => timed_out(&mut waiting, results, timeout),
             }
         }
         no_stream
@@ -511,6 +543,19 @@ fn until(progress: Instant, timeout: Duration) -> Instant {
     progress
         .checked_add(timeout)
         .unwrap_or(progress + Duration::from_secs(86_400))
+}
+
+/// Fails every message still waiting: the connection its ack would have
+/// come over was lost (it may be stored: a retry is deduplicated by its
+/// `Nats-Msg-Id`).
+fn cut_off(
+    waiting: &mut HashMap<usize, OwnedSemaphorePermit>,
+    results: &mut [Option<PublishResult>],
+) {
+    for (i, _) in waiting.drain() {
+        let e = NatsError::Disconnected("the connection was lost before the ack came".into());
+        results[i] = Some(Err(e.into()));
+    }
 }
 
 /// Fails every message still waiting for its ack (their slots go back to

@@ -318,3 +318,100 @@ async fn unanswered_publishes_time_out_and_free_the_window() {
         .expect("the window's slots came back");
     assert!(r.iter().all(Result::is_ok), "{r:?}");
 }
+
+/// A TCP forwarder to the server whose connections the test can cut (the
+/// listener stays, so the client reconnects through it).
+struct Proxy {
+    url: String,
+    links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Proxy {
+    async fn start() -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("nats://{}", listener.local_addr().unwrap());
+        let links = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let held = links.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let link = tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(NATS_ADDR).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                });
+                held.lock().unwrap().push(link.abort_handle());
+            }
+        });
+        Proxy { url, links }
+    }
+
+    /// Closes every forwarded connection.
+    fn cut(&self) {
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+}
+
+/// Acks awaited when the connection drops never come: the call fails those
+/// messages at once as transient connection errors (not after
+/// `ack_timeout`), and the transport publishes again once reconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_awaited_over_a_lost_connection_fail_at_once() {
+    if !outbox_core::testing::require_service("nats", NATS_ADDR) {
+        return;
+    }
+    let u = unique();
+    // Something answers the subject (so the server reports no missing
+    // stream) but never acks.
+    let listener = async_nats::connect(NATS_URL).await.unwrap();
+    let _sink = listener.subscribe(format!("cut{u}.>")).await.unwrap();
+    listener.flush().await.unwrap();
+    let stream = format!("OUTBOX_RECONNECTED_{u}");
+    let js = jetstream().await;
+    create_stream(&js, &stream, &[&format!("back{u}.>")]).await;
+    let _cleanup = StreamCleanup(stream.clone());
+    let proxy = Proxy::start().await;
+    let config = NatsConfig::builder(&proxy.url)
+        .ack_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let transport = std::sync::Arc::new(NatsTransport::connect(config).await.unwrap());
+
+    let waiting: Vec<Message> = (0..5).map(|i| message(&format!("cut{u}.x"), i)).collect();
+    let call = {
+        let transport = transport.clone();
+        tokio::spawn(async move { transport.publish_batch(&waiting).await })
+    };
+    // Sent, and waiting for acks that will not come.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!call.is_finished(), "the call returned before the cut");
+    proxy.cut();
+    let r = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the call returned after the cut, well before ack_timeout")
+        .unwrap();
+    assert_eq!(r.len(), 5);
+    for e in &r {
+        let e = e.as_ref().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Connection, "{e}");
+        assert!(e.is_transient(), "{e}");
+    }
+    // Reconnected through the proxy: a stream subject is stored again.
+    let back: Vec<Message> = (0..5).map(|i| message(&format!("back{u}.x"), i)).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = tokio::time::timeout(Duration::from_secs(10), transport.publish_batch(&back))
+            .await
+            .expect("a publish after the reconnect returned");
+        if r.iter().all(Result::is_ok) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never stored again: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
