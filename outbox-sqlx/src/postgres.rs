@@ -115,13 +115,12 @@ CREATE TABLE IF NOT EXISTS {t}_waiting (
     waiter TEXT PRIMARY KEY,
     until  TIMESTAMPTZ NOT NULL
 );
-{floor}"#,
+"#,
         mask = PARTITIONS - 1,
         last = PARTITIONS - 1,
         pending = table.local("_pending"),
         dead = table.local("_dead"),
         delivered = table.local("_delivered"),
-        floor = floor::schema(&t, &table.local("")),
     )
 }
 
@@ -310,8 +309,8 @@ struct Inner {
     kept: std::sync::Mutex<Vec<PoolConnection<sqlx::Postgres>>>,
     /// Whether a task clears `kept` when the pool is closed.
     watching_close: std::sync::atomic::AtomicBool,
-    /// Steps of the claim floor (the floor is in the database).
-    floor: Arc<floor::Floor>,
+    /// Where claims start reading the pending index.
+    floor: floor::Floor,
 }
 
 /// This store's entry in `<table>_waiting`: present while one of its relays
@@ -699,11 +698,8 @@ impl Sql {
                  ON CONFLICT (waiter) DO UPDATE SET until = EXCLUDED.until"
             ),
             withdraw: format!("DELETE FROM {t}_waiting WHERE waiter = $1"),
-            claim: claim(&floor::filter(&t)),
-            claim_ahead: claim(&format!(
-                "AND NOT (t.id = ANY($4::uuid[])) {}",
-                floor::filter(&t)
-            )),
+            claim: claim("AND t.seq >= $4"),
+            claim_ahead: claim("AND NOT (t.id = ANY($4::uuid[])) AND t.seq >= $5"),
             // `cardinality(..) > 0` lets the planner drop the parts of a
             // settle that have nothing to do (usually all but `d`): it had
             // planned them as whole-table scans on a table it thought small.
@@ -789,7 +785,7 @@ impl PgStore {
                 listener,
                 kept: std::sync::Mutex::default(),
                 watching_close: std::sync::atomic::AtomicBool::new(false),
-                floor: Arc::default(),
+                floor: floor::Floor::default(),
                 waiting: Waiting {
                     id: format!("{}-{}", std::process::id(), Uuid::now_v7()),
                     listening,
@@ -816,12 +812,14 @@ impl PgStore {
         &self.inner.config
     }
 
-    /// The claim floor: the `seq` below which claims do not read the
-    /// pending index, because no row is pending there (0 for none). It
-    /// moves up while relays are busy, once no transaction that could still
-    /// write a row below it is running, and down when rows are requeued.
-    pub async fn claim_floor(&self) -> Result<i64> {
-        self.inner.sql.floor.get(&self.inner.pool).await
+    /// The claim floor: the `seq` below which this store's claims do not
+    /// read the pending index, because no row is pending there (0 for
+    /// none). Steps after claims move it up once no transaction that could
+    /// still write a row below it is running, and down when rows below it
+    /// are pending again (at once for this store's requeues, within about
+    /// two seconds for others).
+    pub fn claim_floor(&self) -> i64 {
+        self.inner.floor.get()
     }
 
     /// Renews the owner's registration and moves partitions towards a fair
@@ -880,6 +878,7 @@ impl PgStore {
         let started = tokio::time::Instant::now();
         let ahead = exclude.is_some();
         let sql = &self.inner.sql;
+        let floor = self.inner.floor.get();
         let mut conn = RelayConn::begin(&self.inner, "claim").await?;
         let query = match exclude {
             Some(ids) => sqlx::query(&sql.claim_ahead)
@@ -893,6 +892,7 @@ impl PgStore {
                 .bind(secs(request.lease)),
         };
         let rows = query
+            .bind(floor)
             .fetch_all(conn.db("claim")?)
             .await
             .map_err(err("claim"))?;
@@ -908,9 +908,12 @@ impl PgStore {
         }
         // Moves the floor past what settles delete (or back, after the
         // sequence restarted), on a task of its own: claims do not wait.
-        if let Some(step) = self.inner.floor.due() {
+        if let Some(running) = self.inner.floor.due() {
             let inner = self.inner.clone();
-            tokio::spawn(async move { step.run(&inner.pool, &inner.sql.floor).await });
+            tokio::spawn(async move {
+                let (floor, sql) = (&inner.floor, &inner.sql.floor);
+                floor.step(&inner.pool, sql, running).await;
+            });
         }
         let Some(first) = rows.first() else {
             return Ok(empty_claim(request));
@@ -1366,7 +1369,6 @@ impl DeadLetters for PgStore {
         let t = self.inner.config.table.qualified("");
         let (topic, ids) = Self::selector(selector);
         let filter = SELECTOR_FILTER;
-        // The table's trigger lowers the claim floor below these rows.
         let n = sqlx::query(&format!(
             "UPDATE {t} SET dead_at = NULL, attempts = 0, not_before = NULL, \
                lease_owner = NULL, lease_until = NULL, lease_token = NULL \
@@ -1379,6 +1381,8 @@ impl DeadLetters for PgStore {
         .map_err(err("requeue"))?
         .rows_affected();
         if n > 0 {
+            // Pending again, maybe below the claim floor.
+            self.inner.floor.drop_to_zero();
             self.inner.wakeup.notify_one();
         }
         Ok(n)

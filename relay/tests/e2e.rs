@@ -613,23 +613,10 @@ fn mysql_to_redis_streams() {
 
     stop_cleanly(&mut child, &dir);
     rt.block_on(async {
-        for suffix in [
-            "",
-            "_partitions",
-            "_relays",
-            "_blocked",
-            "_waiting",
-            "_floor",
-        ] {
+        for suffix in ["", "_partitions", "_relays", "_blocked", "_token"] {
             let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {table}{suffix}"))
                 .execute(&pool)
                 .await;
-        }
-        for drop in [
-            format!("DROP SEQUENCE IF EXISTS {table}_token"),
-            format!("DROP FUNCTION IF EXISTS {table}_floor_lower()"),
-        ] {
-            let _ = sqlx::query(&drop).execute(&pool).await;
         }
         pool.close().await;
     });

@@ -1,6 +1,5 @@
-//! The claim floor: a `seq` below which no row is pending, kept in
-//! `<table>_floor`, so that a claim starts its walk of the pending index
-//! there.
+//! The claim floor: a `seq` below which no row is pending, so that a claim
+//! starts its walk of the pending index there.
 //!
 //! Why: a settled row leaves a dead entry in the pending index until VACUUM
 //! removes it, and a claim walks the index from its start. Draining a
@@ -8,7 +7,8 @@
 //! index pages: 8.5 ms per claim against 0.4 ms after a VACUUM (PostgreSQL
 //! 15), and autovacuum runs at most once a minute.
 //!
-//! The floor moves up only in steps that see every row below it:
+//! A store moves its floor up in steps, on a task of their own, that see
+//! every row below it:
 //!
 //! 1. Read `last`, the last `seq` handed out (the identity sequence's own
 //!    value).
@@ -21,19 +21,23 @@
 //!    statement sees every row with `seq <= last` that will ever commit. The
 //!    floor becomes the lowest pending `seq` up to `last`, or `last + 1`.
 //!
-//! It moves down with anything that makes a row pending again: a trigger on
-//! `UPDATE` (a requeue, by the store or by hand) lowers it in the same
-//! transaction, and step 3 moves it only if it did not change meanwhile.
-//! Being a row, it is as durable as the rows it describes: after a crash
-//! (settles commit asynchronously) or a failover, the floor and the rows
-//! come back from the same stretch of WAL. A sequence that went back
-//! (`TRUNCATE ... RESTART IDENTITY`) resets it at the next step.
+//! Rows can also become pending again: a dead letter requeued (by this
+//! store, by another process or by hand), a row a crash or a failover
+//! brought back (settles commit asynchronously). So the floor is never
+//! trusted for long: this store's own requeues drop it at once, and every
+//! [`HEAL`] a step looks below it for pending rows and lowers it to the
+//! lowest (safe whatever runs meanwhile), so such a row waits about that
+//! long. Order per key holds meanwhile: a held dead letter still blocks its
+//! key through `<table>_blocked`, and a dead letter that does not hold its
+//! key has no order to keep. A step that finds the sequence went back
+//! (`TRUNCATE ... RESTART IDENTITY`, a failover) starts over from 0.
 //!
 //! Assumed: `seq` comes only from its identity (no `OVERRIDING SYSTEM
 //! VALUE`), and the sequence hands out values in order (`CACHE 1`, the
-//! default; with another cache, or without the right to read the sequence,
-//! the floor stays where it is and a warning says why). A prepared (two-
-//! phase) transaction holding the lock keeps the floor still until it ends.
+//! default). With another cache, or when the relay's role cannot read the
+//! sequence, the floor stays at 0 and a warning says why. An open
+//! transaction that wrote to the table (or a prepared one) keeps the floor
+//! where it is until it ends.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,48 +48,47 @@ use tracing::{debug, warn};
 
 use super::err;
 
-/// How often a busy store takes a step (each step is one or two short
-/// statements; the walk a floor saves grows by what is settled meanwhile).
+/// How often a step is due (each is one or two short statements; the walk
+/// a floor saves grows by what is settled meanwhile).
 const STEP: Duration = Duration::from_millis(200);
 
-/// The schema of the floor, part of `schema()`: the table, and the trigger
-/// that lowers the floor when an `UPDATE` makes rows pending.
-pub(super) fn schema(t: &str, name: &str) -> String {
-    format!(
-        r#"-- The claim floor: no pending row has a smaller seq.
-CREATE TABLE IF NOT EXISTS {t}_floor (
-    one     BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),
-    seq     BIGINT NOT NULL DEFAULT 0,
-    version BIGINT NOT NULL DEFAULT 0
-);
-INSERT INTO {t}_floor DEFAULT VALUES ON CONFLICT DO NOTHING;
--- Rows made pending again (a requeue, also by hand) lower the floor.
-CREATE OR REPLACE FUNCTION {t}_floor_lower() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN UPDATE {t}_floor f SET seq = n.seq, version = f.version + 1 FROM (SELECT min(seq) AS seq FROM changed WHERE delivered_at IS NULL AND dead_at IS NULL) n WHERE n.seq < f.seq; RETURN NULL; END $$;
-DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = '{name}_floor' AND tgrelid = '{t}'::regclass) THEN CREATE TRIGGER {name}_floor AFTER UPDATE ON {t} REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION {t}_floor_lower(); END IF; END $$;
-"#
-    )
-}
+/// How often a step looks below the floor (one walk of the pending index
+/// up to it, off the claims' path): about the longest a row made pending
+/// again elsewhere waits below the floor.
+const HEAL: Duration = Duration::from_secs(2);
 
-/// The claims' condition on `t.seq`.
-pub(super) fn filter(t: &str) -> String {
-    format!("AND t.seq >= COALESCE((SELECT seq FROM {t}_floor), 0)")
-}
-
-/// A store's stepping state, shared by its relays (the floor itself is in
-/// the database).
+/// A store's floor, shared by its relays.
 #[derive(Default)]
 pub(super) struct Floor {
-    state: std::sync::Mutex<State>,
+    state: Arc<std::sync::Mutex<State>>,
+}
+
+/// A step marked as running, until dropped (also when its task is dropped
+/// before it ran).
+pub(super) struct Stepping(Arc<std::sync::Mutex<State>>);
+
+impl Drop for Stepping {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).stepping = false;
+    }
 }
 
 #[derive(Default)]
 struct State {
+    /// No row below it is pending (0: none).
+    seq: i64,
+    /// Bumped when the floor drops: a step 3 under way then keeps its
+    /// result to itself.
+    epoch: u64,
     /// Steps 1 and 2 done: `last` and `writers`.
     next: Option<Next>,
     stepped: Option<Instant>,
+    healed: Option<Instant>,
     /// A step is running (one at a time).
     stepping: bool,
-    /// The sequence cannot be read or caches values: no more steps.
+    /// The last step failed (warned once, until one succeeds).
+    failing: bool,
+    /// The sequence cannot be read or caches values: no floor.
     off: bool,
 }
 
@@ -94,12 +97,11 @@ type Next = (i64, Vec<String>);
 
 /// The statements, built once from the validated table name.
 pub(super) struct FloorSql {
-    get: String,
     last: String,
-    reset: String,
     writers: String,
     writing: String,
-    raise: String,
+    lowest: String,
+    below: String,
 }
 
 const HOLDERS: &str = "locktype = 'relation' \
@@ -108,16 +110,13 @@ const HOLDERS: &str = "locktype = 'relation' \
 
 impl FloorSql {
     pub(super) fn new(t: &str) -> Self {
+        let sequence = format!("(SELECT pg_get_serial_sequence('{t}', 'seq')::regclass AS s) x");
         let readable = "has_sequence_privilege(s, 'SELECT, USAGE')";
         FloorSql {
-            get: format!("SELECT seq FROM {t}_floor"),
             last: format!(
                 "SELECT {readable}, CASE WHEN {readable} THEN pg_sequence_last_value(s) END, \
-                   (SELECT seqcache FROM pg_sequence WHERE seqrelid = s), \
-                   (SELECT seq FROM {t}_floor) \
-                 FROM (SELECT pg_get_serial_sequence('{t}', 'seq')::regclass AS s) x"
+                   (SELECT seqcache FROM pg_sequence WHERE seqrelid = s) FROM {sequence}"
             ),
-            reset: format!("UPDATE {t}_floor SET seq = 0, version = version + 1 WHERE seq > 0"),
             writers: format!(
                 "SELECT coalesce(array_agg(DISTINCT virtualtransaction), '{{}}') FROM pg_locks \
                  WHERE {HOLDERS} AND relation = '{t}'::regclass"
@@ -128,39 +127,15 @@ impl FloorSql {
                 "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE {HOLDERS} \
                    AND relation = '{t}'::regclass AND (virtualtransaction = ANY($1) OR pid IS NULL))"
             ),
-            // Only if the floor did not change since this statement's
-            // snapshot (a requeue lowered it): the re-check after waiting
-            // for its row lock sees the new version.
-            raise: format!(
-                "UPDATE {t}_floor f SET seq = x.seq, version = f.version + 1 \
-                 FROM (SELECT coalesce((SELECT min(seq) FROM {t} \
-                         WHERE delivered_at IS NULL AND dead_at IS NULL \
-                           AND seq >= o.seq AND seq <= $1), $1 + 1) AS seq, o.version \
-                       FROM {t}_floor o) x \
-                 WHERE f.version = x.version AND x.seq > f.seq"
+            // With the sequence's value now: below `last`, it went back.
+            lowest: format!(
+                "SELECT (SELECT min(seq) FROM {t} WHERE delivered_at IS NULL AND dead_at IS NULL \
+                   AND seq >= $2 AND seq <= $1), pg_sequence_last_value(s) FROM {sequence}"
+            ),
+            below: format!(
+                "SELECT min(seq) FROM {t} WHERE delivered_at IS NULL AND dead_at IS NULL AND seq < $1"
             ),
         }
-    }
-
-    /// The floor now.
-    pub(super) async fn get(&self, pool: &PgPool) -> outbox_core::Result<i64> {
-        let floor: Option<i64> = sqlx::query_scalar(&self.get)
-            .fetch_optional(pool)
-            .await
-            .map_err(err("claim"))?;
-        Ok(floor.unwrap_or(0))
-    }
-}
-
-/// A step to take, marked as running until dropped.
-pub(super) struct Step {
-    floor: Arc<Floor>,
-    next: Option<Next>,
-}
-
-impl Drop for Step {
-    fn drop(&mut self) {
-        self.floor.state().stepping = false;
     }
 }
 
@@ -169,32 +144,54 @@ impl Floor {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The next step, when one is due and none is running.
-    pub(super) fn due(self: &Arc<Self>) -> Option<Step> {
+    /// The floor, to bind into a claim.
+    pub(super) fn get(&self) -> i64 {
+        self.state().seq
+    }
+
+    /// Rows below the floor may be pending again (this store requeued
+    /// them): claims read from `seq` 0 until a step 3 says otherwise.
+    pub(super) fn drop_to_zero(&self) {
         let mut s = self.state();
-        if s.off || s.stepping || s.stepped.is_some_and(|t| t.elapsed() < STEP) {
+        s.seq = 0;
+        s.epoch = s.epoch.wrapping_add(1);
+    }
+
+    /// A step marked as running, when one is due and none is running; the
+    /// caller runs it with [`step`](Self::step), on a task of its own.
+    pub(super) fn due(&self) -> Option<Stepping> {
+        let mut s = self.state();
+        // The first step waits a period too: a short burst gains nothing.
+        let last = *s.stepped.get_or_insert_with(Instant::now);
+        if s.off || s.stepping || last.elapsed() < STEP {
             return None;
         }
         s.stepping = true;
         s.stepped = Some(Instant::now());
-        let next = s.next.take();
-        Some(Step {
-            floor: self.clone(),
-            next,
-        })
+        Some(Stepping(self.state.clone()))
     }
-}
 
-impl Step {
-    /// Runs the step. A failed step starts over later; the floor stays
-    /// where it was, which is safe.
-    pub(super) async fn run(mut self, pool: &PgPool, sql: &FloorSql) {
-        let stepped = match self.next.take() {
+    /// Runs the step [`due`](Self::due) marked. A failed step starts over
+    /// later; the floor stays where it was, or drops, which is safe.
+    pub(super) async fn step(&self, pool: &PgPool, sql: &FloorSql, _running: Stepping) {
+        let (heal, next) = {
+            let mut s = self.state();
+            let heal = s.seq > 0 && s.healed.is_none_or(|t| t.elapsed() >= HEAL);
+            (heal, if heal { None } else { s.next.take() })
+        };
+        let stepped = match next {
+            _ if heal => self.heal(pool, sql).await,
             None => self.begin(pool, sql).await,
             Some(next) => self.finish(pool, sql, next).await,
         };
-        if let Err(e) = stepped {
-            debug!(error = %e, "claim floor step failed; starting over");
+        let mut s = self.state();
+        match stepped {
+            Ok(()) => s.failing = false,
+            Err(e) if !s.failing => {
+                s.failing = true;
+                warn!(error = %e, "a claim floor step failed; claims may read more of the pending index until one succeeds");
+            }
+            Err(e) => debug!(error = %e, "a claim floor step failed again"),
         }
     }
 
@@ -208,31 +205,31 @@ impl Step {
         let readable: bool = row.try_get(0).map_err(err("claim"))?;
         let last: Option<i64> = row.try_get(1).map_err(err("claim"))?;
         let cache: Option<i64> = row.try_get(2).map_err(err("claim"))?;
-        let floor: Option<i64> = row.try_get(3).map_err(err("claim"))?;
         if !readable || cache != Some(1) {
             warn!(
                 readable,
                 ?cache,
-                "the claim floor stays where it is: the relay's role cannot read the seq \
-                 sequence, or the sequence caches values; claims read the pending index \
-                 from further down"
+                "no claim floor: the relay's role cannot read the seq sequence, or the sequence \
+                 caches values; claims read the pending index from its start"
             );
-            self.floor.state().off = true;
+            let mut s = self.state();
+            s.off = true;
+            s.seq = 0;
             return Ok(());
         }
+        let floor = self.get();
         // Nothing handed out yet, or the sequence went back: start over.
-        let Some(last) = last.filter(|l| *l >= floor.unwrap_or(0).saturating_sub(1)) else {
-            sqlx::query(&sql.reset)
-                .execute(pool)
-                .await
-                .map_err(err("claim"))?;
+        let Some(last) = last.filter(|l| *l >= floor.saturating_sub(1)) else {
+            if floor > 0 {
+                self.drop_to_zero();
+            }
             return Ok(());
         };
         let writers: Vec<String> = sqlx::query_scalar(&sql.writers)
             .fetch_one(pool)
             .await
             .map_err(err("claim"))?;
-        self.floor.state().next = Some((last, writers));
+        self.state().next = Some((last, writers));
         Ok(())
     }
 
@@ -249,14 +246,49 @@ impl Step {
             .await
             .map_err(err("claim"))?;
         if writing {
-            self.floor.state().next = Some((last, writers));
+            self.state().next = Some((last, writers));
             return Ok(());
         }
-        sqlx::query(&sql.raise)
+        let (from, epoch) = {
+            let s = self.state();
+            (s.seq, s.epoch)
+        };
+        let row = sqlx::query(&sql.lowest)
             .bind(last)
-            .execute(pool)
+            .bind(from)
+            .fetch_one(pool)
             .await
             .map_err(err("claim"))?;
+        let lowest: Option<i64> = row.try_get(0).map_err(err("claim"))?;
+        let now: Option<i64> = row.try_get(1).map_err(err("claim"))?;
+        let mut s = self.state();
+        if now.is_none_or(|n| n < last) {
+            // The sequence went back since step 1 (a failover, a restart
+            // of it): `writers` said nothing about its new values.
+            s.seq = 0;
+            s.epoch = s.epoch.wrapping_add(1);
+        } else if s.epoch == epoch {
+            s.seq = lowest.unwrap_or(last.saturating_add(1));
+        }
+        Ok(())
+    }
+
+    /// Lowers the floor to the lowest pending row below it, if any: rows
+    /// made pending again elsewhere.
+    async fn heal(&self, pool: &PgPool, sql: &FloorSql) -> outbox_core::Result<()> {
+        let floor = self.get();
+        let below: Option<i64> = sqlx::query_scalar(&sql.below)
+            .bind(floor)
+            .fetch_one(pool)
+            .await
+            .map_err(err("claim"))?;
+        let mut s = self.state();
+        s.healed = Some(Instant::now());
+        if let Some(below) = below {
+            debug!(floor, below, "a row below the claim floor is pending again");
+            s.seq = s.seq.min(below);
+            s.epoch = s.epoch.wrapping_add(1);
+        }
         Ok(())
     }
 }
