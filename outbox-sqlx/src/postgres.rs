@@ -698,8 +698,11 @@ impl Sql {
                  ON CONFLICT (waiter) DO UPDATE SET until = EXCLUDED.until"
             ),
             withdraw: format!("DELETE FROM {t}_waiting WHERE waiter = $1"),
-            claim: claim("AND t.seq >= $4"),
-            claim_ahead: claim("AND NOT (t.id = ANY($4::uuid[])) AND t.seq >= $5"),
+            claim: claim(&floor::filter(4)),
+            claim_ahead: claim(&format!(
+                "AND NOT (t.id = ANY($4::uuid[])) {}",
+                floor::filter(5)
+            )),
             // `cardinality(..) > 0` lets the planner drop the parts of a
             // settle that have nothing to do (usually all but `d`): it had
             // planned them as whole-table scans on a table it thought small.
@@ -813,13 +816,15 @@ impl PgStore {
     }
 
     /// The claim floor: the `seq` below which this store's claims do not
-    /// read the pending index, because no row is pending there (0 for
-    /// none). Steps after claims move it up once no transaction that could
-    /// still write a row below it is running, and down when rows below it
-    /// are pending again (at once for this store's requeues, within about
-    /// two seconds for others).
-    pub fn claim_floor(&self) -> i64 {
-        self.inner.floor.get()
+    /// read the pending index, because no row is pending there (`None`:
+    /// they read from its start). Steps after claims move it up once no
+    /// transaction that could still write a row below it is running, and
+    /// down when rows below it are pending again (at once for this store's
+    /// requeues, within a few seconds for others while relays are busy).
+    /// It holds only while the database server runs since the time it was
+    /// found.
+    pub fn claim_floor(&self) -> Option<i64> {
+        self.inner.floor.get().map(|(seq, _)| seq)
     }
 
     /// Renews the owner's registration and moves partitions towards a fair
@@ -878,7 +883,7 @@ impl PgStore {
         let started = tokio::time::Instant::now();
         let ahead = exclude.is_some();
         let sql = &self.inner.sql;
-        let floor = self.inner.floor.get();
+        let (floor, server_started) = self.inner.floor.get().unzip();
         let mut conn = RelayConn::begin(&self.inner, "claim").await?;
         let query = match exclude {
             Some(ids) => sqlx::query(&sql.claim_ahead)
@@ -892,7 +897,8 @@ impl PgStore {
                 .bind(secs(request.lease)),
         };
         let rows = query
-            .bind(floor)
+            .bind(floor.unwrap_or(i64::MIN))
+            .bind(server_started)
             .fetch_all(conn.db("claim")?)
             .await
             .map_err(err("claim"))?;
@@ -912,7 +918,10 @@ impl PgStore {
             let inner = self.inner.clone();
             tokio::spawn(async move {
                 let (floor, sql) = (&inner.floor, &inner.sql.floor);
-                floor.step(&inner.pool, sql, running).await;
+                if floor.step(&inner.pool, sql, running).await {
+                    // Rows below the old floor may be waiting.
+                    inner.wakeup.notify_one();
+                }
             });
         }
         let Some(first) = rows.first() else {
@@ -1378,11 +1387,15 @@ impl DeadLetters for PgStore {
         .bind(ids)
         .execute(&self.inner.pool)
         .await
-        .map_err(err("requeue"))?
+        .map_err(|e| {
+            // It may have committed: rows may be pending below the floor.
+            self.inner.floor.clear();
+            err("requeue")(e)
+        })?
         .rows_affected();
         if n > 0 {
             // Pending again, maybe below the claim floor.
-            self.inner.floor.drop_to_zero();
+            self.inner.floor.clear();
             self.inner.wakeup.notify_one();
         }
         Ok(n)

@@ -21,28 +21,36 @@
 //!    statement sees every row with `seq <= last` that will ever commit. The
 //!    floor becomes the lowest pending `seq` up to `last`, or `last + 1`.
 //!
-//! Rows can also become pending again: a dead letter requeued (by this
-//! store, by another process or by hand), a row a crash or a failover
-//! brought back (settles commit asynchronously). So the floor is never
-//! trusted for long: this store's own requeues drop it at once, and every
-//! [`HEAL`] a step looks below it for pending rows and lowers it to the
-//! lowest (safe whatever runs meanwhile), so such a row waits about that
-//! long. Order per key holds meanwhile: a held dead letter still blocks its
-//! key through `<table>_blocked`, and a dead letter that does not hold its
-//! key has no order to keep. A step that finds the sequence went back
-//! (`TRUNCATE ... RESTART IDENTITY`, a failover) starts over from 0.
+//! The floor holds only on the server it was found on: it carries the
+//! server's start time (`pg_postmaster_start_time()`), and a claim on a
+//! server started at another time (after a crash, which may lose settles
+//! that committed asynchronously, or on another server after a failover)
+//! reads from the start of the index until a step finds a floor there.
+//!
+//! Rows can also become pending again on a running server: a dead letter
+//! requeued (by this store, by another process or by hand). This store's
+//! own requeues drop the floor at once; every [`HEAL`] a step looks below
+//! the floor for pending rows, lowers it to the lowest (safe whatever runs
+//! meanwhile) and wakes the relay. A held dead letter blocks its key
+//! through `<table>_blocked` meanwhile; one that does not hold its key has
+//! no order to keep (later messages of its key may already be out).
 //!
 //! Assumed: `seq` comes only from its identity (no `OVERRIDING SYSTEM
-//! VALUE`), and the sequence hands out values in order (`CACHE 1`, the
-//! default). With another cache, or when the relay's role cannot read the
-//! sequence, the floor stays at 0 and a warning says why. An open
-//! transaction that wrote to the table (or a prepared one) keeps the floor
-//! where it is until it ends.
+//! VALUE`, no `COPY` or restore of `seq` into a table relays are reading),
+//! the sequence is not restarted under running relays (a step that sees it
+//! went back starts over, but claims until then may skip rows), and it
+//! hands out values in order (`CACHE 1`, the default). With another cache,
+//! or when the relay's role cannot read the sequence, there is no floor
+//! and a warning says why. A pending row that is not due yet (a far
+//! `not_before`, a retry's backoff, a key held behind a dead letter) and an
+//! open transaction that has written to the table keep the floor at or
+//! below them, and claims walk what lies between.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgPool;
+use sqlx::types::chrono::{DateTime, Utc};
 use sqlx::Row;
 use tracing::{debug, warn};
 
@@ -54,8 +62,16 @@ const STEP: Duration = Duration::from_millis(200);
 
 /// How often a step looks below the floor (one walk of the pending index
 /// up to it, off the claims' path): about the longest a row made pending
-/// again elsewhere waits below the floor.
+/// again elsewhere waits below the floor while relays are busy (an idle
+/// relay takes its next step after its next claim).
 const HEAL: Duration = Duration::from_secs(2);
+
+/// A step that takes longer is dropped (a connection that never answers
+/// would otherwise stop all later steps), and the floor with it.
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// When the server was started: a floor holds only as long as this stays.
+type Started = DateTime<Utc>;
 
 /// A store's floor, shared by its relays.
 #[derive(Default)]
@@ -75,8 +91,9 @@ impl Drop for Stepping {
 
 #[derive(Default)]
 struct State {
-    /// No row below it is pending (0: none).
-    seq: i64,
+    /// No row below this `seq` is pending while the server runs since
+    /// then (none: claims read from the start).
+    floor: Option<(i64, Started)>,
     /// Bumped when the floor drops: a step 3 under way then keeps its
     /// result to itself.
     epoch: u64,
@@ -92,8 +109,8 @@ struct State {
     off: bool,
 }
 
-/// `last` and `writers` of steps 1 and 2.
-type Next = (i64, Vec<String>);
+/// `last`, `writers` and the server's start time of steps 1 and 2.
+type Next = (i64, Vec<String>, Started);
 
 /// The statements, built once from the validated table name.
 pub(super) struct FloorSql {
@@ -108,6 +125,16 @@ const HOLDERS: &str = "locktype = 'relation' \
      AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
      AND mode = 'RowExclusiveLock'";
 
+/// The claims' condition on `t.seq`: the floor as parameter `$at`, the
+/// server start time it holds for as `$at + 1` (NULL for none).
+pub(super) fn filter(at: usize) -> String {
+    format!(
+        "AND t.seq >= CASE WHEN pg_postmaster_start_time() = ${} THEN ${at} \
+           ELSE -9223372036854775807 - 1 END",
+        at + 1
+    )
+}
+
 impl FloorSql {
     pub(super) fn new(t: &str) -> Self {
         let sequence = format!("(SELECT pg_get_serial_sequence('{t}', 'seq')::regclass AS s) x");
@@ -115,7 +142,8 @@ impl FloorSql {
         FloorSql {
             last: format!(
                 "SELECT {readable}, CASE WHEN {readable} THEN pg_sequence_last_value(s) END, \
-                   (SELECT seqcache FROM pg_sequence WHERE seqrelid = s) FROM {sequence}"
+                   (SELECT seqcache FROM pg_sequence WHERE seqrelid = s), \
+                   pg_postmaster_start_time() FROM {sequence}"
             ),
             writers: format!(
                 "SELECT coalesce(array_agg(DISTINCT virtualtransaction), '{{}}') FROM pg_locks \
@@ -130,12 +158,26 @@ impl FloorSql {
             // With the sequence's value now: below `last`, it went back.
             lowest: format!(
                 "SELECT (SELECT min(seq) FROM {t} WHERE delivered_at IS NULL AND dead_at IS NULL \
-                   AND seq >= $2 AND seq <= $1), pg_sequence_last_value(s) FROM {sequence}"
+                   AND seq >= $2 AND seq <= $1), pg_sequence_last_value(s), \
+                   pg_postmaster_start_time() FROM {sequence}"
             ),
             below: format!(
-                "SELECT min(seq) FROM {t} WHERE delivered_at IS NULL AND dead_at IS NULL AND seq < $1"
+                "SELECT (SELECT min(seq) FROM {t} WHERE delivered_at IS NULL AND dead_at IS NULL \
+                   AND seq < $1), pg_postmaster_start_time()"
             ),
         }
+    }
+}
+
+impl State {
+    /// Lowers the floor to `seq` (none: no floor) and voids any step 3
+    /// under way.
+    fn lower(&mut self, seq: Option<i64>) {
+        self.floor = match (self.floor, seq) {
+            (Some((f, on)), Some(seq)) => Some((f.min(seq), on)),
+            _ => None,
+        };
+        self.epoch = self.epoch.wrapping_add(1);
     }
 }
 
@@ -144,17 +186,15 @@ impl Floor {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The floor, to bind into a claim.
-    pub(super) fn get(&self) -> i64 {
-        self.state().seq
+    /// The floor and the server start time it holds for.
+    pub(super) fn get(&self) -> Option<(i64, Started)> {
+        self.state().floor
     }
 
     /// Rows below the floor may be pending again (this store requeued
-    /// them): claims read from `seq` 0 until a step 3 says otherwise.
-    pub(super) fn drop_to_zero(&self) {
-        let mut s = self.state();
-        s.seq = 0;
-        s.epoch = s.epoch.wrapping_add(1);
+    /// them): claims read from the start until a step 3 finds a floor.
+    pub(super) fn clear(&self) {
+        self.state().lower(None);
     }
 
     /// A step marked as running, when one is due and none is running; the
@@ -173,18 +213,31 @@ impl Floor {
 
     /// Runs the step [`due`](Self::due) marked. A failed step starts over
     /// later; the floor stays where it was, or drops, which is safe.
-    pub(super) async fn step(&self, pool: &PgPool, sql: &FloorSql, _running: Stepping) {
-        let (heal, next) = {
+    /// Returns true when the floor went down: rows below it may wait.
+    pub(super) async fn step(&self, pool: &PgPool, sql: &FloorSql, _running: Stepping) -> bool {
+        let (heal, next, epoch) = {
             let mut s = self.state();
-            let heal = s.seq > 0 && s.healed.is_none_or(|t| t.elapsed() >= HEAL);
-            (heal, if heal { None } else { s.next.take() })
+            let heal = s.floor.is_some() && s.healed.is_none_or(|t| t.elapsed() >= HEAL);
+            (heal, if heal { None } else { s.next.take() }, s.epoch)
         };
-        let stepped = match next {
-            _ if heal => self.heal(pool, sql).await,
-            None => self.begin(pool, sql).await,
-            Some(next) => self.finish(pool, sql, next).await,
+        let step = async {
+            match next {
+                _ if heal => self.heal(pool, sql).await,
+                None => self.begin(pool, sql).await,
+                Some(next) => self.finish(pool, sql, next).await,
+            }
         };
+        let stepped = tokio::time::timeout(STEP_TIMEOUT, step)
+            .await
+            .unwrap_or_else(|_| {
+                self.clear();
+                Err(outbox_core::Error::transient(
+                    outbox_core::ErrorKind::Timeout,
+                    format!("a claim floor step took over {STEP_TIMEOUT:?}"),
+                ))
+            });
         let mut s = self.state();
+        let lowered = s.epoch != epoch;
         match stepped {
             Ok(()) => s.failing = false,
             Err(e) if !s.failing => {
@@ -193,6 +246,7 @@ impl Floor {
             }
             Err(e) => debug!(error = %e, "a claim floor step failed again"),
         }
+        lowered
     }
 
     /// Steps 1 and 2: `last`, then `writers` (in this order, as separate
@@ -205,6 +259,7 @@ impl Floor {
         let readable: bool = row.try_get(0).map_err(err("claim"))?;
         let last: Option<i64> = row.try_get(1).map_err(err("claim"))?;
         let cache: Option<i64> = row.try_get(2).map_err(err("claim"))?;
+        let started: Started = row.try_get(3).map_err(err("claim"))?;
         if !readable || cache != Some(1) {
             warn!(
                 readable,
@@ -214,22 +269,32 @@ impl Floor {
             );
             let mut s = self.state();
             s.off = true;
-            s.seq = 0;
+            s.lower(None);
             return Ok(());
         }
         let floor = self.get();
-        // Nothing handed out yet, or the sequence went back: start over.
-        let Some(last) = last.filter(|l| *l >= floor.saturating_sub(1)) else {
-            if floor > 0 {
-                self.drop_to_zero();
-            }
+        if floor.is_some_and(|(_, on)| on != started) {
+            // Another server, or this one restarted: start over.
+            self.clear();
+        }
+        let Some(last) = last else {
             return Ok(());
         };
+        match self.get() {
+            // The sequence went back: start over.
+            Some((seq, _)) if last < seq.saturating_sub(1) => {
+                self.clear();
+                return Ok(());
+            }
+            // Nothing handed out since the floor was found.
+            Some((seq, _)) if last.checked_add(1) == Some(seq) => return Ok(()),
+            _ => {}
+        }
         let writers: Vec<String> = sqlx::query_scalar(&sql.writers)
             .fetch_one(pool)
             .await
             .map_err(err("claim"))?;
-        self.state().next = Some((last, writers));
+        self.state().next = Some((last, writers, started));
         Ok(())
     }
 
@@ -238,7 +303,7 @@ impl Floor {
         &self,
         pool: &PgPool,
         sql: &FloorSql,
-        (last, writers): Next,
+        (last, writers, started): Next,
     ) -> outbox_core::Result<()> {
         let writing: bool = sqlx::query_scalar(&sql.writing)
             .bind(&writers)
@@ -246,12 +311,12 @@ impl Floor {
             .await
             .map_err(err("claim"))?;
         if writing {
-            self.state().next = Some((last, writers));
+            self.state().next = Some((last, writers, started));
             return Ok(());
         }
         let (from, epoch) = {
             let s = self.state();
-            (s.seq, s.epoch)
+            (s.floor.map_or(i64::MIN, |(seq, _)| seq), s.epoch)
         };
         let row = sqlx::query(&sql.lowest)
             .bind(last)
@@ -261,14 +326,14 @@ impl Floor {
             .map_err(err("claim"))?;
         let lowest: Option<i64> = row.try_get(0).map_err(err("claim"))?;
         let now: Option<i64> = row.try_get(1).map_err(err("claim"))?;
+        let on: Started = row.try_get(2).map_err(err("claim"))?;
         let mut s = self.state();
-        if now.is_none_or(|n| n < last) {
-            // The sequence went back since step 1 (a failover, a restart
-            // of it): `writers` said nothing about its new values.
-            s.seq = 0;
-            s.epoch = s.epoch.wrapping_add(1);
+        if on != started || now.is_none_or(|n| n < last) {
+            // Another server, or the sequence went back since step 1:
+            // `writers` said nothing about its new values.
+            s.lower(None);
         } else if s.epoch == epoch {
-            s.seq = lowest.unwrap_or(last.saturating_add(1));
+            s.floor = Some((lowest.unwrap_or(last.saturating_add(1)), started));
         }
         Ok(())
     }
@@ -276,18 +341,23 @@ impl Floor {
     /// Lowers the floor to the lowest pending row below it, if any: rows
     /// made pending again elsewhere.
     async fn heal(&self, pool: &PgPool, sql: &FloorSql) -> outbox_core::Result<()> {
-        let floor = self.get();
-        let below: Option<i64> = sqlx::query_scalar(&sql.below)
+        let Some((floor, started)) = self.get() else {
+            return Ok(());
+        };
+        let row = sqlx::query(&sql.below)
             .bind(floor)
             .fetch_one(pool)
             .await
             .map_err(err("claim"))?;
+        let below: Option<i64> = row.try_get(0).map_err(err("claim"))?;
+        let on: Started = row.try_get(1).map_err(err("claim"))?;
         let mut s = self.state();
         s.healed = Some(Instant::now());
-        if let Some(below) = below {
+        if on != started {
+            s.lower(None);
+        } else if let Some(below) = below {
             debug!(floor, below, "a row below the claim floor is pending again");
-            s.seq = s.seq.min(below);
-            s.epoch = s.epoch.wrapping_add(1);
+            s.lower(Some(below));
         }
         Ok(())
     }
