@@ -413,6 +413,13 @@ impl Inner {
         drop(kept);
     }
 
+    /// Wakes every relay of this store waiting now, and the next to wait:
+    /// work may be in any relay's partitions.
+    fn wake_all(&self) {
+        self.wakeup.notify_waiters();
+        self.wakeup.notify_one();
+    }
+
     fn release(&self, owner: &str, token: u64) {
         if let Some(c) = self.held().get_mut(owner) {
             c.retain(|(t, _)| *t != token);
@@ -821,8 +828,8 @@ impl PgStore {
     /// transaction that could still write a row below it is running, and
     /// down when rows below it are pending again (at once for this store's
     /// requeues, within a few seconds for others while relays are busy).
-    /// It holds only while the database server runs since the time it was
-    /// found.
+    /// Claims on a server started at another time than the one it was
+    /// found on (a restart, a failover) ignore it.
     pub fn claim_floor(&self) -> Option<i64> {
         self.inner.floor.get().map(|(seq, _)| seq)
     }
@@ -920,7 +927,7 @@ impl PgStore {
                 let (floor, sql) = (&inner.floor, &inner.sql.floor);
                 if floor.step(&inner.pool, sql, running).await {
                     // Rows below the old floor may be waiting.
-                    inner.wakeup.notify_one();
+                    inner.wake_all();
                 }
             });
         }
@@ -1390,13 +1397,14 @@ impl DeadLetters for PgStore {
         .map_err(|e| {
             // It may have committed: rows may be pending below the floor.
             self.inner.floor.clear();
+            self.inner.wake_all();
             err("requeue")(e)
         })?
         .rows_affected();
         if n > 0 {
             // Pending again, maybe below the claim floor.
             self.inner.floor.clear();
-            self.inner.wakeup.notify_one();
+            self.inner.wake_all();
         }
         Ok(n)
     }

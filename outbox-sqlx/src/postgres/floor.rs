@@ -19,13 +19,16 @@
 //!    transaction that takes the lock later draws a larger `seq`.
 //! 3. Once none of `writers` holds the lock any more (a later step), a new
 //!    statement sees every row with `seq <= last` that will ever commit. The
-//!    floor becomes the lowest pending `seq` up to `last`, or `last + 1`.
+//!    lowest pending `seq` up to `last` (or `last + 1`) is the new floor,
+//! 4. once the WAL up to that statement is flushed (a later step): a crash
+//!    the server recovers from in place, which loses what was not flushed
+//!    (settles commit asynchronously), brings back no row below it.
 //!
 //! The floor holds only on the server it was found on: it carries the
 //! server's start time (`pg_postmaster_start_time()`), and a claim on a
-//! server started at another time (after a crash, which may lose settles
-//! that committed asynchronously, or on another server after a failover)
-//! reads from the start of the index until a step finds a floor there.
+//! server started at another time (after a restart, or on another server
+//! after a failover, which may lack the end of the WAL) reads from the
+//! start of the index until a step finds a floor there.
 //!
 //! Rows can also become pending again on a running server: a dead letter
 //! requeued (by this store, by another process or by hand). This store's
@@ -99,6 +102,9 @@ struct State {
     epoch: u64,
     /// Steps 1 and 2 done: `last` and `writers`.
     next: Option<Next>,
+    /// Step 3 done: the new floor, once the WAL is flushed up to this
+    /// position (and if the floor did not drop meanwhile, `epoch`).
+    raise: Option<Raise>,
     stepped: Option<Instant>,
     healed: Option<Instant>,
     /// A step is running (one at a time).
@@ -112,6 +118,10 @@ struct State {
 /// `last`, `writers` and the server's start time of steps 1 and 2.
 type Next = (i64, Vec<String>, Started);
 
+/// Step 3's floor, its server's start time, the WAL position to wait for
+/// and the `epoch` it was found in.
+type Raise = ((i64, Started), i64, u64);
+
 /// The statements, built once from the validated table name.
 pub(super) struct FloorSql {
     last: String,
@@ -119,6 +129,7 @@ pub(super) struct FloorSql {
     writing: String,
     lowest: String,
     below: String,
+    flushed: String,
 }
 
 const HOLDERS: &str = "locktype = 'relation' \
@@ -159,8 +170,12 @@ impl FloorSql {
             lowest: format!(
                 "SELECT (SELECT min(seq) FROM {t} WHERE delivered_at IS NULL AND dead_at IS NULL \
                    AND seq >= $2 AND seq <= $1), pg_sequence_last_value(s), \
-                   pg_postmaster_start_time() FROM {sequence}"
+                   pg_postmaster_start_time(), \
+                   (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint FROM {sequence}"
             ),
+            flushed: "SELECT (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::bigint, \
+                      pg_postmaster_start_time()"
+                .to_string(),
             below: format!(
                 "SELECT (SELECT min(seq) FROM {t} WHERE delivered_at IS NULL AND dead_at IS NULL \
                    AND seq < $1), pg_postmaster_start_time()"
@@ -215,27 +230,38 @@ impl Floor {
     /// later; the floor stays where it was, or drops, which is safe.
     /// Returns true when the floor went down: rows below it may wait.
     pub(super) async fn step(&self, pool: &PgPool, sql: &FloorSql, _running: Stepping) -> bool {
-        let (heal, next, epoch) = {
+        let (heal, raise, next, epoch) = {
             let mut s = self.state();
             let heal = s.floor.is_some() && s.healed.is_none_or(|t| t.elapsed() >= HEAL);
-            (heal, if heal { None } else { s.next.take() }, s.epoch)
+            let raise = if heal { None } else { s.raise.take() };
+            let next = if heal || raise.is_some() {
+                None
+            } else {
+                s.next.take()
+            };
+            (heal, raise, next, s.epoch)
         };
         let step = async {
-            match next {
+            match (raise, next) {
                 _ if heal => self.heal(pool, sql).await,
-                None => self.begin(pool, sql).await,
-                Some(next) => self.finish(pool, sql, next).await,
+                (Some(raise), _) => self.confirm(pool, sql, raise).await,
+                (None, None) => self.begin(pool, sql).await,
+                (None, Some(next)) => self.finish(pool, sql, next).await,
             }
         };
         let stepped = tokio::time::timeout(STEP_TIMEOUT, step)
             .await
             .unwrap_or_else(|_| {
-                self.clear();
                 Err(outbox_core::Error::transient(
                     outbox_core::ErrorKind::Timeout,
                     format!("a claim floor step took over {STEP_TIMEOUT:?}"),
                 ))
             });
+        if heal && stepped.is_err() {
+            // Rows pending below the floor would wait for a heal that does
+            // not come: no floor until one succeeds.
+            self.clear();
+        }
         let mut s = self.state();
         let lowered = s.epoch != epoch;
         match stepped {
@@ -327,13 +353,39 @@ impl Floor {
         let lowest: Option<i64> = row.try_get(0).map_err(err("claim"))?;
         let now: Option<i64> = row.try_get(1).map_err(err("claim"))?;
         let on: Started = row.try_get(2).map_err(err("claim"))?;
+        let wal: i64 = row.try_get(3).map_err(err("claim"))?;
         let mut s = self.state();
         if on != started || now.is_none_or(|n| n < last) {
             // Another server, or the sequence went back since step 1:
             // `writers` said nothing about its new values.
             s.lower(None);
-        } else if s.epoch == epoch {
-            s.floor = Some((lowest.unwrap_or(last.saturating_add(1)), started));
+        } else {
+            let floor = lowest.unwrap_or(last.saturating_add(1));
+            s.raise = Some(((floor, started), wal, epoch));
+        }
+        Ok(())
+    }
+
+    /// Step 4: the new floor once the WAL its step 3 read is flushed.
+    async fn confirm(
+        &self,
+        pool: &PgPool,
+        sql: &FloorSql,
+        (floor, wal, epoch): Raise,
+    ) -> outbox_core::Result<()> {
+        let row = sqlx::query(&sql.flushed)
+            .fetch_one(pool)
+            .await
+            .map_err(err("claim"))?;
+        let flushed: i64 = row.try_get(0).map_err(err("claim"))?;
+        let on: Started = row.try_get(1).map_err(err("claim"))?;
+        let mut s = self.state();
+        if on != floor.1 || s.epoch != epoch {
+            // Another server, or the floor dropped meanwhile: start over.
+        } else if flushed >= wal {
+            s.floor = Some(floor);
+        } else {
+            s.raise = Some((floor, wal, epoch));
         }
         Ok(())
     }
