@@ -978,3 +978,139 @@ fn the_readme_shows_the_schema_migrate_applies() {
         "README.md's PostgreSQL schema differs from postgres::schema():\n{schema}"
     );
 }
+
+/// The outbox row written in the same statement as the business row: both
+/// commit, or neither (a rollback, or a failing business statement); a
+/// delayed keyed message blocks its key; with NOTIFY a listening store is
+/// woken.
+#[tokio::test]
+async fn enqueue_with_writes_the_row_in_the_business_statement() {
+    let Some(pool) = pool(5).await else { return };
+    for notify in [false, true] {
+        let (store, outbox) = fresh(&pool, StoreConfig::default().listen(notify)).await;
+        let outbox = outbox.notify(notify);
+        let schema = outbox.table_name().schema().unwrap().to_string();
+        sqlx::query(&format!(
+            "CREATE TABLE {schema}.orders (id BIGINT PRIMARY KEY, total INT NOT NULL)"
+        ))
+        .execute(&pool)
+        .await
+        .unwrap();
+        let orders = format!("INSERT INTO {schema}.orders (id, total) VALUES ($9, $10)");
+        let order_count = |pool: sqlx::PgPool| {
+            let schema = schema.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM {schema}.orders"))
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            }
+        };
+        let event = |i: i64| {
+            Message::json("orders.placed", &serde_json::json!({ "id": i }))
+                .key(format!("order-{i}"))
+                .build()
+                .unwrap()
+        };
+
+        // Committed: both rows.
+        let mut tx = pool.begin().await.unwrap();
+        let r = outbox
+            .enqueue_with(&mut tx, &event(1), &orders, |q| {
+                q.bind(1_i64).bind(1250_i32)
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.rows_affected(), 1, "the business statement's result");
+        tx.commit().await.unwrap();
+        assert_eq!(
+            (count(&pool, &outbox).await, order_count(pool.clone()).await),
+            (1, 1)
+        );
+
+        // Rolled back: neither.
+        let mut tx = pool.begin().await.unwrap();
+        outbox
+            .enqueue_with(&mut tx, &event(2), &orders, |q| q.bind(2_i64).bind(10_i32))
+            .await
+            .unwrap();
+        tx.rollback().await.unwrap();
+        assert_eq!(
+            (count(&pool, &outbox).await, order_count(pool.clone()).await),
+            (1, 1)
+        );
+
+        // The business statement fails (duplicate key): neither, and the
+        // error is the database's.
+        let mut conn = pool.acquire().await.unwrap();
+        let e = outbox
+            .enqueue_with(&mut conn, &event(3), &orders, |q| q.bind(1_i64).bind(5_i32))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Database, "{e}");
+        assert_eq!(
+            (count(&pool, &outbox).await, order_count(pool.clone()).await),
+            (1, 1)
+        );
+
+        // Bad input (over the payload limit): refused before any SQL.
+        let small = outbox.clone().max_payload(16);
+        let big = Message::builder("orders.placed", "x".repeat(100))
+            .build()
+            .unwrap();
+        let e = small
+            .enqueue_with(&mut conn, &big, &orders, |q| q.bind(4_i64).bind(1_i32))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::TooLarge, "{e}");
+        assert_eq!(
+            (count(&pool, &outbox).await, order_count(pool.clone()).await),
+            (1, 1)
+        );
+
+        // A delayed keyed message blocks its key, as with `enqueue`.
+        let delayed = Message::builder("orders.placed", "later")
+            .key("order-9")
+            .not_before(std::time::SystemTime::now() + std::time::Duration::from_secs(3600))
+            .build()
+            .unwrap();
+        outbox
+            .enqueue_with(&mut conn, &delayed, &orders, |q| q.bind(9_i64).bind(1_i32))
+            .await
+            .unwrap();
+        let blocked: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {}_blocked WHERE msg_key = 'order-9'",
+            outbox.table_name()
+        ))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(blocked, 1, "the delayed keyed message blocks its key");
+
+        // With NOTIFY, a listener hears each shape (plain, delayed keyed).
+        if notify {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+                .await
+                .unwrap();
+            listener
+                .listen(&outbox.table_name().channel())
+                .await
+                .unwrap();
+            let later = Message::builder("orders.placed", "later")
+                .key("order-11")
+                .not_before(std::time::SystemTime::now() + std::time::Duration::from_secs(3600))
+                .build()
+                .unwrap();
+            for (id, m) in [(10_i64, event(10)), (11, later)] {
+                outbox
+                    .enqueue_with(&mut conn, &m, &orders, |q| q.bind(id).bind(1_i32))
+                    .await
+                    .unwrap();
+                let got =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), listener.recv()).await;
+                assert!(matches!(got, Ok(Ok(_))), "order {id}: a NOTIFY");
+            }
+        }
+        drop(store);
+    }
+}
