@@ -177,7 +177,7 @@ async fn writers(
         table.name
     ));
     let in_statement = Arc::new(format!(
-        "INSERT INTO {}.orders (customer, total) VALUES ($9, $10)",
+        "INSERT INTO {}.orders (customer, total) VALUES ($1, $2)",
         table.schema
     ));
     let topic = format!("bench.{}.enqueue", ctx.brokers.u);
@@ -207,11 +207,11 @@ async fn writers(
                         .build()
                 };
                 if v == Variant::InStatement {
-                    let customer = customer.clone();
+                    let mut args = sqlx::postgres::PgArguments::default();
+                    sqlx::Arguments::add(&mut args, &customer)?;
+                    sqlx::Arguments::add(&mut args, total)?;
                     outbox
-                        .enqueue_with(&mut tx, &message()?, &in_statement, |q| {
-                            q.bind(customer).bind(total)
-                        })
+                        .enqueue_with(&mut tx, &message()?, &in_statement, args)
                         .await?;
                 } else {
                     sqlx::query(&insert)

@@ -217,90 +217,103 @@ impl Enqueue for PgConnection {
     }
 }
 
-/// A query on PostgreSQL with positional arguments.
-pub type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, PgArguments>;
-
 impl Outbox {
     /// PostgreSQL: writes `message` into the outbox in the same statement
-    /// as the caller's own write, so that the outbox row costs no round
-    /// trip of its own (on this project's machine a second statement cost
-    /// a one-insert business transaction 11-20 % of its throughput; see
-    /// `bench/README.md`).
+    /// as one of the caller's own writes, so that the outbox row costs no
+    /// round trip of its own (what a second statement costs a short
+    /// business transaction is measured in `bench/README.md`, phase 5).
     ///
-    /// `statement` is the caller's `INSERT`, `UPDATE`, `DELETE` or `SELECT`
-    /// without a `WITH` clause of its own, its parameters numbered from
-    /// `$9` (`$1`-`$8` are the outbox row's); `bind` binds them, in order,
-    /// as owned values. The outbox row goes in a `WITH` part before it, so
-    /// both commit or roll back together, and a failing statement writes
-    /// neither. Returns the caller's statement's result. Validation runs
-    /// before any SQL, as in [`Outbox::enqueue`].
+    /// `statement` is the caller's `INSERT`, `UPDATE`, `DELETE`, `MERGE` or
+    /// `SELECT`, without a `WITH` clause of its own, with its parameters
+    /// `$1`, `$2`, ... in `args` (`PgArguments::add`, in order). The outbox
+    /// row goes in a `WITH` part named `outbox_sqlx_row` before it (and
+    /// `outbox_sqlx_blocks` for a delayed keyed message), whose parameters
+    /// follow the caller's. Both commit or roll back together, and a
+    /// statement that fails writes neither; but the row is written however
+    /// many rows the caller's statement touched, also none: check the
+    /// result and roll back if that means no event. Returns the caller's
+    /// statement's result (rows it returns are not read). Validation runs
+    /// before any SQL, as in [`Outbox::enqueue`]; an error of the caller's
+    /// statement carries its `sqlx::Error` as the source.
     ///
     /// ```no_run
-    /// # async fn f(pool: sqlx::PgPool, outbox: outbox_sqlx::Outbox) -> Result<(), Box<dyn std::error::Error>> {
+    /// # async fn f(pool: sqlx::PgPool, outbox: outbox_sqlx::Outbox) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    /// use sqlx::Arguments;
     /// let event = outbox_core::Message::json("orders.placed", &serde_json::json!({"id": 7})).build()?;
+    /// let mut args = sqlx::postgres::PgArguments::default();
+    /// args.add(7_i64)?;
+    /// args.add(1250_i32)?;
     /// let mut tx = pool.begin().await?;
     /// outbox
-    ///     .enqueue_with(&mut *tx, &event, "INSERT INTO orders (id, total) VALUES ($9, $10)", |q| {
-    ///         q.bind(7_i64).bind(1250_i32)
-    ///     })
+    ///     .enqueue_with(&mut tx, &event, "INSERT INTO orders (id, total) VALUES ($1, $2)", args)
     ///     .await?;
     /// tx.commit().await?;
     /// # Ok(()) }
     /// ```
-    pub async fn enqueue_with<F>(
+    pub async fn enqueue_with(
         &self,
         conn: &mut PgConnection,
         message: &Message,
         statement: &str,
-        bind: F,
-    ) -> Result<PgQueryResult>
-    where
-        F: for<'q> FnOnce(PgQuery<'q>) -> PgQuery<'q>,
-    {
+        args: PgArguments,
+    ) -> Result<PgQueryResult> {
+        use sqlx::Arguments;
+        let operation = "enqueue_with";
         message.validate(self.max_payload).map_err(|e| {
             Error::from(e)
                 .with_backend("sqlx")
-                .with_operation("enqueue")
+                .with_operation(operation)
         })?;
         let t = self.table_name().qualified("");
+        let n = args.len();
+        let p = |i: usize| format!("${}", n + i);
+        let values = (1..=7).map(p).collect::<Vec<_>>().join(", ");
+        let mut returning = Vec::new();
+        let blocks = message.key.is_some() && message.not_before.is_some();
+        if blocks {
+            returning.push("msg_key, seq".to_string());
+        }
         // NOTIFY in the insert's RETURNING list: a WITH part that changes
         // data runs to completion whatever the main statement reads.
-        let notify = if self.notify {
-            " RETURNING pg_notify($8::text, '')"
+        if self.notify {
+            returning.push(format!("pg_notify({}::text, '')", p(8)));
+        }
+        let returning = if returning.is_empty() {
+            String::new()
         } else {
-            ""
+            format!(" RETURNING {}", returning.join(", "))
         };
-        let blocks = message.key.is_some() && message.not_before.is_some();
-        let sql = if blocks {
+        let block = if blocks {
             format!(
-                "WITH outbox_row AS (INSERT INTO {t} \
-                   (id, topic, msg_key, payload, headers, created_at, not_before) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING msg_key, seq{}), \
-                 outbox_blocks AS (INSERT INTO {t}_blocked (msg_key, seq) \
-                   SELECT msg_key, seq FROM outbox_row ON CONFLICT DO NOTHING) {statement}",
-                notify.replace(" RETURNING", ",")
+                ", outbox_sqlx_blocks AS (INSERT INTO {t}_blocked (msg_key, seq) \
+                 SELECT msg_key, seq FROM outbox_sqlx_row ON CONFLICT DO NOTHING)"
             )
         } else {
-            format!(
-                "WITH outbox_row AS (INSERT INTO {t} \
-                   (id, topic, msg_key, payload, headers, created_at, not_before) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7){notify}) {statement}"
-            )
+            String::new()
         };
-        let query = sqlx::query(&sql)
-            .bind(message.id.as_uuid())
-            .bind(message.topic.as_str())
-            .bind(message.key.as_deref())
-            .bind(message.payload.as_ref())
-            .bind(Json(&message.headers))
-            .bind(DateTime::<Utc>::from(message.created_at))
-            .bind(message.not_before.map(DateTime::<Utc>::from))
-            // Bound when unused too: the caller's parameters start at $9.
-            .bind(self.table_name().channel());
-        bind(query)
+        let sql = format!(
+            "WITH outbox_sqlx_row AS (INSERT INTO {t} \
+               (id, topic, msg_key, payload, headers, created_at, not_before) \
+               VALUES ({values}){returning}){block} {statement}"
+        );
+        let mut args = args;
+        let bind_error = |e: sqlx::error::BoxDynError| err(operation)(sqlx::Error::Encode(e));
+        args.add(message.id.as_uuid()).map_err(bind_error)?;
+        args.add(message.topic.as_str()).map_err(bind_error)?;
+        args.add(message.key.as_deref()).map_err(bind_error)?;
+        args.add(message.payload.as_ref()).map_err(bind_error)?;
+        args.add(Json(&message.headers)).map_err(bind_error)?;
+        args.add(DateTime::<Utc>::from(message.created_at))
+            .map_err(bind_error)?;
+        args.add(message.not_before.map(DateTime::<Utc>::from))
+            .map_err(bind_error)?;
+        if self.notify {
+            args.add(self.table_name().channel()).map_err(bind_error)?;
+        }
+        sqlx::query_with(&sql, args)
             .execute(&mut *conn)
             .await
-            .map_err(err("enqueue"))
+            .map_err(err(operation))
     }
 
     /// PostgreSQL: wakes a relay that waits for work, for a transaction

@@ -979,6 +979,15 @@ fn the_readme_shows_the_schema_migrate_applies() {
     );
 }
 
+/// An order's id and total as the arguments of an `enqueue_with` statement.
+fn order_args(id: i64, total: i32) -> sqlx::postgres::PgArguments {
+    use sqlx::Arguments;
+    let mut args = sqlx::postgres::PgArguments::default();
+    args.add(id).unwrap();
+    args.add(total).unwrap();
+    args
+}
+
 /// The outbox row written in the same statement as the business row: both
 /// commit, or neither (a rollback, or a failing business statement); a
 /// delayed keyed message blocks its key; with NOTIFY a listening store is
@@ -996,7 +1005,7 @@ async fn enqueue_with_writes_the_row_in_the_business_statement() {
         .execute(&pool)
         .await
         .unwrap();
-        let orders = format!("INSERT INTO {schema}.orders (id, total) VALUES ($9, $10)");
+        let orders = format!("INSERT INTO {schema}.orders (id, total) VALUES ($1, $2)");
         let order_count = |pool: sqlx::PgPool| {
             let schema = schema.clone();
             async move {
@@ -1016,9 +1025,7 @@ async fn enqueue_with_writes_the_row_in_the_business_statement() {
         // Committed: both rows.
         let mut tx = pool.begin().await.unwrap();
         let r = outbox
-            .enqueue_with(&mut tx, &event(1), &orders, |q| {
-                q.bind(1_i64).bind(1250_i32)
-            })
+            .enqueue_with(&mut tx, &event(1), &orders, order_args(1_i64, 1250_i32))
             .await
             .unwrap();
         assert_eq!(r.rows_affected(), 1, "the business statement's result");
@@ -1031,7 +1038,7 @@ async fn enqueue_with_writes_the_row_in_the_business_statement() {
         // Rolled back: neither.
         let mut tx = pool.begin().await.unwrap();
         outbox
-            .enqueue_with(&mut tx, &event(2), &orders, |q| q.bind(2_i64).bind(10_i32))
+            .enqueue_with(&mut tx, &event(2), &orders, order_args(2_i64, 10_i32))
             .await
             .unwrap();
         tx.rollback().await.unwrap();
@@ -1044,7 +1051,7 @@ async fn enqueue_with_writes_the_row_in_the_business_statement() {
         // error is the database's.
         let mut conn = pool.acquire().await.unwrap();
         let e = outbox
-            .enqueue_with(&mut conn, &event(3), &orders, |q| q.bind(1_i64).bind(5_i32))
+            .enqueue_with(&mut conn, &event(3), &orders, order_args(1_i64, 5_i32))
             .await
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Database, "{e}");
@@ -1059,7 +1066,7 @@ async fn enqueue_with_writes_the_row_in_the_business_statement() {
             .build()
             .unwrap();
         let e = small
-            .enqueue_with(&mut conn, &big, &orders, |q| q.bind(4_i64).bind(1_i32))
+            .enqueue_with(&mut conn, &big, &orders, order_args(4_i64, 1_i32))
             .await
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::TooLarge, "{e}");
@@ -1075,17 +1082,32 @@ async fn enqueue_with_writes_the_row_in_the_business_statement() {
             .build()
             .unwrap();
         outbox
-            .enqueue_with(&mut conn, &delayed, &orders, |q| q.bind(9_i64).bind(1_i32))
+            .enqueue_with(&mut conn, &delayed, &orders, order_args(9_i64, 1_i32))
             .await
             .unwrap();
-        let blocked: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM {}_blocked WHERE msg_key = 'order-9'",
+        let blocked: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT msg_key FROM {}_blocked",
             outbox.table_name()
         ))
-        .fetch_one(&pool)
+        .fetch_all(&pool)
         .await
         .unwrap();
-        assert_eq!(blocked, 1, "the delayed keyed message blocks its key");
+        assert_eq!(
+            blocked,
+            ["order-9"],
+            "only the delayed keyed message blocks its key"
+        );
+
+        // A statement that touches no row still writes the outbox row (the
+        // caller checks the result).
+        let update = format!("UPDATE {schema}.orders SET total = $2 WHERE id = $1");
+        let before = count(&pool, &outbox).await;
+        let r = outbox
+            .enqueue_with(&mut conn, &event(12), &update, order_args(404, 1))
+            .await
+            .unwrap();
+        assert_eq!(r.rows_affected(), 0);
+        assert_eq!(count(&pool, &outbox).await, before + 1);
 
         // With NOTIFY, a listener hears each shape (plain, delayed keyed).
         if notify {
@@ -1103,7 +1125,7 @@ async fn enqueue_with_writes_the_row_in_the_business_statement() {
                 .unwrap();
             for (id, m) in [(10_i64, event(10)), (11, later)] {
                 outbox
-                    .enqueue_with(&mut conn, &m, &orders, |q| q.bind(id).bind(1_i32))
+                    .enqueue_with(&mut conn, &m, &orders, order_args(id, 1_i32))
                     .await
                     .unwrap();
                 let got =
