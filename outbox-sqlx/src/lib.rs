@@ -129,11 +129,7 @@ impl Outbox {
         C: Enqueue + ?Sized,
     {
         for m in messages {
-            m.validate(self.max_payload).map_err(|e| {
-                Error::from(e)
-                    .with_backend("sqlx")
-                    .with_operation("enqueue")
-            })?;
+            self.check(m, "enqueue")?;
         }
         if messages.is_empty() {
             return Ok(Vec::new());
@@ -142,6 +138,18 @@ impl Outbox {
             conn.insert(self, chunk).await?;
         }
         Ok(messages.iter().map(|m| m.id).collect())
+    }
+}
+
+impl Outbox {
+    /// Validates a message before any SQL (the payload against this
+    /// outbox's limit).
+    pub(crate) fn check(&self, m: &Message, operation: &'static str) -> Result<()> {
+        m.validate(self.max_payload).map_err(|e| {
+            Error::from(e)
+                .with_backend("sqlx")
+                .with_operation(operation)
+        })
     }
 }
 

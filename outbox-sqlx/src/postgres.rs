@@ -36,11 +36,12 @@ use outbox_core::{
     Claim, ClaimRequest, DeadLetter, DeadLetters, Error, FencingToken, Lease, Message, MessageId,
     Purge, RelayId, Result, Selector, SettleReport, Settlement, Stats, Store,
 };
+use sqlx::error::BoxDynError;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgListener, PgPool, PgQueryResult, PgRow};
 use sqlx::types::chrono::{DateTime, Utc};
 use sqlx::types::Json;
-use sqlx::{PgConnection, Row};
+use sqlx::{Arguments, PgConnection, Row};
 use tokio::sync::Notify;
 use tracing::{debug, warn};
 use uuid::Uuid;
@@ -156,20 +157,12 @@ impl Enqueue for PgConnection {
             // One message (the common business transaction): a plain VALUES
             // insert is cheaper than unnesting arrays.
             let blocks = m.key.is_some() && m.not_before.is_some();
-            let insert = format!(
-                "INSERT INTO {t} (id, topic, msg_key, payload, headers, created_at, not_before) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)"
-            );
+            let insert =
+                format!("INSERT INTO {t} ({ROW_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)");
             let sql = statement(&t, insert, blocks.then_some(""), outbox.notify);
-            let query = sqlx::query(&sql)
-                .bind(m.id.as_uuid())
-                .bind(m.topic.as_str())
-                .bind(m.key.as_deref())
-                .bind(m.payload.as_ref())
-                .bind(Json(&m.headers))
-                .bind(DateTime::<Utc>::from(m.created_at))
-                .bind(m.not_before.map(DateTime::<Utc>::from));
-            wake(query, outbox)
+            let mut args = PgArguments::default();
+            add_row(&mut args, m).map_err(encode_error("enqueue"))?;
+            wake(sqlx::query_with(&sql, args), outbox)
                 .execute(&mut *self)
                 .await
                 .map_err(err("enqueue"))?;
@@ -195,7 +188,7 @@ impl Enqueue for PgConnection {
             blocks |= m.key.is_some() && m.not_before.is_some();
         }
         let insert = format!(
-            "INSERT INTO {t} (id, topic, msg_key, payload, headers, created_at, not_before) \
+            "INSERT INTO {t} ({ROW_COLUMNS}) \
              SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::jsonb[], \
              $6::timestamptz[], $7::timestamptz[])"
         );
@@ -257,13 +250,8 @@ impl Outbox {
         statement: &str,
         args: PgArguments,
     ) -> Result<PgQueryResult> {
-        use sqlx::Arguments;
         let operation = "enqueue_with";
-        message.validate(self.max_payload).map_err(|e| {
-            Error::from(e)
-                .with_backend("sqlx")
-                .with_operation(operation)
-        })?;
+        self.check(message, operation)?;
         let t = self.table_name().qualified("");
         let n = args.len();
         let p = |i: usize| format!("${}", n + i);
@@ -292,23 +280,14 @@ impl Outbox {
             String::new()
         };
         let sql = format!(
-            "WITH outbox_sqlx_row AS (INSERT INTO {t} \
-               (id, topic, msg_key, payload, headers, created_at, not_before) \
+            "WITH outbox_sqlx_row AS (INSERT INTO {t} ({ROW_COLUMNS}) \
                VALUES ({values}){returning}){block} {statement}"
         );
         let mut args = args;
-        let bind_error = |e: sqlx::error::BoxDynError| err(operation)(sqlx::Error::Encode(e));
-        args.add(message.id.as_uuid()).map_err(bind_error)?;
-        args.add(message.topic.as_str()).map_err(bind_error)?;
-        args.add(message.key.as_deref()).map_err(bind_error)?;
-        args.add(message.payload.as_ref()).map_err(bind_error)?;
-        args.add(Json(&message.headers)).map_err(bind_error)?;
-        args.add(DateTime::<Utc>::from(message.created_at))
-            .map_err(bind_error)?;
-        args.add(message.not_before.map(DateTime::<Utc>::from))
-            .map_err(bind_error)?;
+        add_row(&mut args, message).map_err(encode_error(operation))?;
         if self.notify {
-            args.add(self.table_name().channel()).map_err(bind_error)?;
+            args.add(self.table_name().channel())
+                .map_err(encode_error(operation))?;
         }
         sqlx::query_with(&sql, args)
             .execute(&mut *conn)
@@ -343,6 +322,24 @@ impl Outbox {
         .map_err(err("wake"))?;
         Ok(())
     }
+}
+
+/// The columns an enqueue writes, in the order [`add_row`] binds them.
+const ROW_COLUMNS: &str = "id, topic, msg_key, payload, headers, created_at, not_before";
+
+/// Binds one message's [`ROW_COLUMNS`] values.
+fn add_row(args: &mut PgArguments, m: &Message) -> std::result::Result<(), BoxDynError> {
+    args.add(m.id.as_uuid())?;
+    args.add(m.topic.as_str())?;
+    args.add(m.key.as_deref())?;
+    args.add(m.payload.as_ref())?;
+    args.add(Json(&m.headers))?;
+    args.add(DateTime::<Utc>::from(m.created_at))?;
+    args.add(m.not_before.map(DateTime::<Utc>::from))
+}
+
+fn encode_error(operation: &'static str) -> impl FnOnce(BoxDynError) -> Error {
+    move |e| err(operation)(sqlx::Error::Encode(e))
 }
 
 /// Binds the NOTIFY channel ($8) when NOTIFY is on.

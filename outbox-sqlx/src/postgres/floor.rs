@@ -298,8 +298,7 @@ impl Floor {
             s.lower(None);
             return Ok(());
         }
-        let floor = self.get();
-        if floor.is_some_and(|(_, on)| on != started) {
+        if self.get().is_some_and(|(_, on)| on != started) {
             // Another server, or this one restarted: start over.
             self.clear();
         }
