@@ -18,18 +18,21 @@ use crate::{BoxResult, Ctx};
 pub const PRODUCERS: usize = 16;
 /// Messages committed in the first second are not counted.
 const WARM_UP: Duration = Duration::from_secs(1);
-/// Poll interval of the polling-only relay.
+/// Poll interval of the polling-only relays.
 pub const POLL: Duration = Duration::from_millis(100);
-/// Poll interval of the NOTIFY relay (a fallback only).
+/// Poll interval of the NOTIFY relays (a fallback only; no shorter look
+/// after work either, so that their figures are the wakeups' alone).
 const LONG_POLL: Duration = Duration::from_secs(10);
 
 /// One latency run.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct LatencyRun {
-    /// `notify`, `wake` or `polling`.
+    /// `notify`, `wake`, `polling` or `polling-fixed`.
     pub mode: String,
     /// The relay's poll interval (ms).
     pub poll_interval_ms: u64,
+    /// The relay's shortest poll wait, after a claim that found messages (ms).
+    pub min_poll_interval_ms: u64,
     /// Offered business transactions per second.
     pub offered_per_s: u32,
     /// Committed per second (below offered when the database cannot keep up).
@@ -72,13 +75,21 @@ pub enum Wakeup {
     Notify,
     /// `Outbox::wake` after each commit: a NOTIFY only while the relay waits.
     Wake,
-    /// Nothing: the relay's poll interval.
+    /// Nothing: the relay's polls, at the library's default shortest wait
+    /// after work (`RelayConfig::min_poll_interval`) up to [`POLL`].
     Polling,
+    /// Nothing, and a fixed poll interval ([`POLL`]): for comparison.
+    FixedPolling,
 }
 
 impl Wakeup {
     /// Every mode, in report order.
-    pub const ALL: [Wakeup; 3] = [Wakeup::Notify, Wakeup::Wake, Wakeup::Polling];
+    pub const ALL: [Wakeup; 4] = [
+        Wakeup::Notify,
+        Wakeup::Wake,
+        Wakeup::Polling,
+        Wakeup::FixedPolling,
+    ];
 
     /// The name in reports.
     pub fn name(self) -> &'static str {
@@ -86,6 +97,20 @@ impl Wakeup {
             Wakeup::Notify => "notify",
             Wakeup::Wake => "wake",
             Wakeup::Polling => "polling",
+            Wakeup::FixedPolling => "polling-fixed",
+        }
+    }
+
+    fn polls(self) -> bool {
+        matches!(self, Wakeup::Polling | Wakeup::FixedPolling)
+    }
+
+    /// The relay's poll interval and shortest poll wait.
+    fn intervals(self) -> (Duration, Duration) {
+        match self {
+            Wakeup::Notify | Wakeup::Wake => (LONG_POLL, LONG_POLL),
+            Wakeup::Polling => (POLL, outbox_core::RelayConfig::default().min_poll_interval),
+            Wakeup::FixedPolling => (POLL, POLL),
         }
     }
 }
@@ -93,7 +118,10 @@ impl Wakeup {
 /// One run at `load` tx/s with the given wakeup.
 pub async fn run(ctx: &Ctx, wakeup: Wakeup, load: u32) -> BoxResult<LatencyRun> {
     let mode = wakeup.name();
-    let table = ctx.db.outbox(&format!("lat_{mode}_{load}")).await?;
+    let table = ctx
+        .db
+        .outbox(&format!("lat_{}_{load}", mode.replace('-', "_")))
+        .await?;
     let result = measure(ctx, wakeup, load, &table).await;
     ctx.db.drop(&table.schema).await;
     result.map(|mut r| {
@@ -145,16 +173,13 @@ async fn measure(
         relay_pool.clone(),
         StoreConfig::default()
             .table(&table.name)?
-            .listen(wakeup != Wakeup::Polling),
+            .listen(!wakeup.polls()),
     );
-    let poll = if wakeup == Wakeup::Polling {
-        POLL
-    } else {
-        LONG_POLL
-    };
+    let (poll, min_poll) = wakeup.intervals();
     let relay = Relay::builder(Arc::new(store), ctx.brokers.core_nats().await?)
         .batch_size(ctx.opts.batch)
         .poll_interval(poll)
+        .min_poll_interval(min_poll)
         .build()?;
     let cancel = CancellationToken::new();
     let relay_task = tokio::spawn({
@@ -272,6 +297,7 @@ async fn measure(
     Ok(LatencyRun {
         mode: String::new(),
         poll_interval_ms: u64::try_from(poll.as_millis()).unwrap_or(u64::MAX),
+        min_poll_interval_ms: u64::try_from(min_poll.as_millis()).unwrap_or(u64::MAX),
         offered_per_s: load,
         achieved_per_s: round(produced.len() as f64 / elapsed, 0),
         measured: lat.len(),

@@ -57,6 +57,14 @@ pub struct RelayConfig {
     pub lease: Duration,
     /// How often an idle relay looks for work when nothing wakes it (default 1 s).
     pub poll_interval: Duration,
+    /// How soon an idle relay looks again after a claim that found messages
+    /// (default 5 ms; at most `poll_interval`). Each look that finds nothing
+    /// doubles the wait, up to `poll_interval`. Without NOTIFY (MySQL,
+    /// SQLite, or PostgreSQL without `notify` or `wake`), messages that keep
+    /// coming are so relayed within milliseconds, and a relay whose work
+    /// stopped is back at `poll_interval` after a few looks (about ten from
+    /// 5 ms to 1 s). Set it to `poll_interval` for a fixed interval.
+    pub min_poll_interval: Duration,
     /// Failed attempts after which a transiently failing message is
     /// dead-lettered (default 10).
     pub max_attempts: u32,
@@ -91,6 +99,7 @@ impl Default for RelayConfig {
             batch_size: 500,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
+            min_poll_interval: Duration::from_millis(5),
             max_attempts: 10,
             retry: RetryPolicy::default(),
             store_retry: RetryPolicy::exponential(
@@ -118,6 +127,9 @@ impl RelayConfig {
         }
         if self.poll_interval.is_zero() {
             return bad("poll_interval must be more than zero");
+        }
+        if self.min_poll_interval.is_zero() {
+            return bad("min_poll_interval must be more than zero");
         }
         if self.max_attempts == 0 {
             return bad("max_attempts must be at least 1");
@@ -161,6 +173,12 @@ impl RelayBuilder {
     /// Fallback poll interval.
     pub fn poll_interval(mut self, d: Duration) -> Self {
         self.config.poll_interval = d;
+        self
+    }
+    /// Shortest poll wait, after a claim that found messages (see
+    /// [`RelayConfig::min_poll_interval`]).
+    pub fn min_poll_interval(mut self, d: Duration) -> Self {
+        self.config.min_poll_interval = d;
         self
     }
     /// Failed attempts before dead-lettering.
@@ -453,6 +471,10 @@ impl Relay {
         // When the soonest retry this relay scheduled falls due: an idle
         // relay wakes then rather than at its next poll.
         let mut next_retry: Option<Instant> = None;
+        // How long Idle waits for a wakeup before it looks anyway: short
+        // after work (more is likely to follow), doubled by every empty
+        // claim up to the poll interval.
+        let mut idle_wait = self.config.min_poll_interval;
         let store_label = self.store.name().to_string();
         loop {
             let from = state.name();
@@ -462,7 +484,7 @@ impl Relay {
                         last_stats = Some(Instant::now());
                         self.record_stats(&store_label).await;
                     }
-                    let mut wait = self.config.poll_interval;
+                    let mut wait = idle_wait.min(self.config.poll_interval);
                     if let Some(due) = next_retry {
                         wait = wait.min(due.saturating_duration_since(Instant::now()));
                     }
@@ -481,6 +503,7 @@ impl Relay {
                 State::Claiming => match self.claim().await {
                     Ok(claim) if claim.messages.is_empty() => {
                         store_failures = 0;
+                        idle_wait = idle_wait.saturating_mul(2).min(self.config.poll_interval);
                         State::Idle
                     }
                     Ok(claim) => {
@@ -497,6 +520,7 @@ impl Relay {
                     }
                 },
                 State::Publishing { claim, behind } => {
+                    idle_wait = self.config.min_poll_interval;
                     let step = self.step(claim, behind, &cancel).await;
                     let mut published = step.published;
                     let mut settled_behind = true;

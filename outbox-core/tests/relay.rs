@@ -496,6 +496,7 @@ async fn the_in_process_signal_wakes_an_idle_relay() {
     let rec = RecordingTransport::new();
     let relay = Relay::builder(Arc::new(Quiet(mem.clone())), Arc::new(rec.clone()))
         .poll_interval(Duration::from_secs(3_600))
+        .min_poll_interval(Duration::from_secs(3_600))
         .build()
         .unwrap();
     let signal = relay.signal();
@@ -515,6 +516,114 @@ async fn the_in_process_signal_wakes_an_idle_relay() {
     let start = Instant::now();
     assert_eq!(rec.wait_for(2, Duration::from_secs(7_200)).await, 2);
     assert!(start.elapsed() >= Duration::from_secs(3_000));
+    cancel.cancel();
+    run.await.unwrap();
+}
+
+/// A store without notifications that records when each claim ran and how
+/// many messages it returned.
+struct Looks(Arc<MemoryStore>, Mutex<Vec<(Instant, usize)>>);
+
+impl Looks {
+    fn since(&self, from: Instant) -> Vec<(Duration, usize)> {
+        let looks = self.1.lock().unwrap();
+        looks
+            .iter()
+            .filter(|(t, _)| *t >= from)
+            .map(|(t, n)| (*t - from, *n))
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Store for Looks {
+    fn name(&self) -> &str {
+        "looks"
+    }
+    async fn claim(
+        &self,
+        r: &outbox_core::ClaimRequest,
+    ) -> outbox_core::Result<outbox_core::Claim> {
+        let claim = self.0.claim(r).await?;
+        let n = claim.messages.len();
+        self.1.lock().unwrap().push((Instant::now(), n));
+        Ok(claim)
+    }
+    async fn settle(
+        &self,
+        l: &outbox_core::Lease,
+        s: &outbox_core::Settlement,
+    ) -> outbox_core::Result<outbox_core::SettleReport> {
+        self.0.settle(l, s).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_wakeups_a_relay_looks_again_soon_after_work_and_backs_off() {
+    let mem = Arc::new(MemoryStore::new());
+    let looks = Arc::new(Looks(mem.clone(), Mutex::default()));
+    let rec = RecordingTransport::new();
+    let relay = Relay::builder(looks.clone(), Arc::new(rec.clone()))
+        .poll_interval(Duration::from_secs(1))
+        .min_poll_interval(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn({
+        let c = cancel.clone();
+        async move { relay.run(c).await }
+    });
+    // Idle, the relay is back at the poll interval after a few looks.
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let idle = looks.since(start);
+    assert!(idle.iter().all(|(_, n)| *n == 0));
+    assert!(
+        (9..=20).contains(&idle.len()),
+        "{} looks in 10 s: {idle:?}",
+        idle.len()
+    );
+
+    // A message while it waits a whole poll interval: found by the poll.
+    let start = Instant::now();
+    mem.enqueue([msg(None)]).unwrap();
+    assert_eq!(rec.wait_for(1, Duration::from_secs(60)).await, 1);
+    assert!(start.elapsed() <= Duration::from_secs(1));
+
+    // Messages that keep coming, 3 ms apart, with no wakeup: each waits
+    // for one short look, not for the poll interval.
+    let mut waited = Vec::new();
+    for i in 0..100 {
+        let start = Instant::now();
+        mem.enqueue([msg(None)]).unwrap();
+        assert_eq!(rec.wait_for(i + 2, Duration::from_secs(60)).await, i + 2);
+        waited.push(start.elapsed());
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let worst = waited.iter().max().copied().unwrap_or_default();
+    assert!(
+        worst <= Duration::from_millis(15),
+        "a message waited {worst:?}: {waited:?}"
+    );
+
+    // When they stop, the waits double from the shortest to the interval.
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let gaps: Vec<u128> = std::iter::once(start)
+        .chain(looks.since(start).iter().map(|(d, _)| start + *d))
+        .collect::<Vec<_>>()
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis())
+        .collect();
+    let expected = [10u128, 20, 40, 80, 160, 320, 640, 1_000, 1_000];
+    assert!(gaps.len() >= expected.len(), "gaps {gaps:?}");
+    // The first gap starts after the last publish, within a look of it.
+    for (gap, want) in gaps.iter().zip(expected).skip(1) {
+        assert!(
+            *gap >= want && *gap <= want + 2,
+            "gaps {gaps:?} should follow {expected:?}"
+        );
+    }
     cancel.cancel();
     run.await.unwrap();
 }

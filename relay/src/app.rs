@@ -138,6 +138,7 @@ pub async fn run(config: Config, check: bool) -> Result<(), StartError> {
         .batch_size(config.batch_size)
         .lease(config.lease)
         .poll_interval(config.poll_interval)
+        .min_poll_interval(config.min_poll_interval)
         .max_attempts(config.max_attempts)
         .retry(config.retry_policy())
         .max_in_flight(config.max_in_flight)

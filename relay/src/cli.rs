@@ -36,8 +36,9 @@ usage: outbox-relay [--config FILE] [--check]
 
 Settings (file key / variable): database_url / OUTBOX_RELAY_DATABASE_URL,
 routes / OUTBOX_RELAY_ROUTES (\"orders.*=kafka://127.0.0.1:9092;>=amqp://...\"),
-table, batch_size, lease_ms, poll_interval_ms, max_attempts, retry_initial_ms,
-retry_cap_ms, max_in_flight, shutdown_timeout_ms, listen (default
+table, batch_size, lease_ms, poll_interval_ms, min_poll_interval_ms,
+max_attempts, retry_initial_ms, retry_cap_ms, max_in_flight,
+shutdown_timeout_ms, listen (default
 127.0.0.1:9187: GET /metrics, GET /health), log, migrate, relay_id,
 keep_delivered, hold_dead_letters, listen_notify, db_max_connections,
 connect_timeout_ms. See the README for the table.

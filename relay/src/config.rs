@@ -47,6 +47,10 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("lease_ms", "how long a claim is held"),
     ("poll_interval_ms", "how often an idle relay looks for work"),
     (
+        "min_poll_interval_ms",
+        "how soon it looks again after finding work (doubling to poll_interval_ms)",
+    ),
+    (
         "max_attempts",
         "failed attempts before a message is dead-lettered",
     ),
@@ -207,6 +211,8 @@ pub struct Config {
     pub lease: Duration,
     /// Idle poll interval.
     pub poll_interval: Duration,
+    /// Poll wait after a claim that found messages.
+    pub min_poll_interval: Duration,
     /// Failed attempts before dead-lettering.
     pub max_attempts: u32,
     /// First retry delay.
@@ -249,6 +255,7 @@ impl fmt::Debug for Config {
             .field("batch_size", &self.batch_size)
             .field("lease", &self.lease)
             .field("poll_interval", &self.poll_interval)
+            .field("min_poll_interval", &self.min_poll_interval)
             .field("max_attempts", &self.max_attempts)
             .field("retry_initial", &self.retry_initial)
             .field("retry_cap", &self.retry_cap)
@@ -278,6 +285,7 @@ struct FileConfig {
     batch_size: Option<u64>,
     lease_ms: Option<u64>,
     poll_interval_ms: Option<u64>,
+    min_poll_interval_ms: Option<u64>,
     max_attempts: Option<u64>,
     retry_initial_ms: Option<u64>,
     retry_cap_ms: Option<u64>,
@@ -611,6 +619,13 @@ impl Config {
             u64::MAX,
             "poll_interval_ms",
         )?;
+        let min_poll_ms = ranged(
+            s.number("min_poll_interval_ms", f.min_poll_interval_ms)?,
+            millis(defaults.min_poll_interval),
+            1,
+            u64::MAX,
+            "min_poll_interval_ms",
+        )?;
         let max_attempts = ranged(
             s.number("max_attempts", f.max_attempts)?,
             defaults.max_attempts,
@@ -734,6 +749,7 @@ impl Config {
             batch_size,
             lease: Duration::from_millis(lease_ms),
             poll_interval: Duration::from_millis(poll_ms),
+            min_poll_interval: Duration::from_millis(min_poll_ms),
             max_attempts,
             retry_initial: Duration::from_millis(retry_initial),
             retry_cap: Duration::from_millis(retry_cap),

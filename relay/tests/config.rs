@@ -57,6 +57,7 @@ fn environment_only() {
         ("OUTBOX_RELAY_BATCH_SIZE", "250"),
         ("OUTBOX_RELAY_LEASE_MS", "15000"),
         ("OUTBOX_RELAY_POLL_INTERVAL_MS", "250"),
+        ("OUTBOX_RELAY_MIN_POLL_INTERVAL_MS", "20"),
         ("OUTBOX_RELAY_MAX_ATTEMPTS", "7"),
         ("OUTBOX_RELAY_RETRY_INITIAL_MS", "200"),
         ("OUTBOX_RELAY_RETRY_CAP_MS", "60000"),
@@ -88,6 +89,7 @@ fn environment_only() {
     assert_eq!(c.batch_size, 250);
     assert_eq!(c.lease, Duration::from_secs(15));
     assert_eq!(c.poll_interval, Duration::from_millis(250));
+    assert_eq!(c.min_poll_interval, Duration::from_millis(20));
     assert_eq!(c.max_attempts, 7);
     assert_eq!(c.retry_initial, Duration::from_millis(200));
     assert_eq!(c.retry_cap, Duration::from_secs(60));
@@ -117,6 +119,7 @@ fn defaults() {
     assert_eq!(c.batch_size, 500);
     assert_eq!(c.lease, Duration::from_secs(30));
     assert_eq!(c.poll_interval, Duration::from_secs(1));
+    assert_eq!(c.min_poll_interval, Duration::from_millis(5));
     assert_eq!(c.max_attempts, 10);
     assert_eq!(c.retry_initial, Duration::from_millis(500));
     assert_eq!(c.retry_cap, Duration::from_secs(300));
@@ -149,6 +152,7 @@ table = "relay.outbox"
 batch_size = 100
 lease_ms = 20000
 poll_interval_ms = 500
+min_poll_interval_ms = 50
 max_attempts = 5
 retry_initial_ms = 100
 retry_cap_ms = 10000
@@ -183,6 +187,7 @@ fn file_only_keeps_route_order_and_maps_options() {
     assert_eq!(c.batch_size, 100);
     assert_eq!(c.lease, Duration::from_secs(20));
     assert_eq!(c.poll_interval, Duration::from_millis(500));
+    assert_eq!(c.min_poll_interval, Duration::from_millis(50));
     assert_eq!(c.max_attempts, 5);
     assert_eq!(c.retry_initial, Duration::from_millis(100));
     assert_eq!(c.retry_cap, Duration::from_secs(10));
@@ -493,6 +498,10 @@ fn bad_values() {
     assert_eq!(
         err(&[("OUTBOX_RELAY_POLL_INTERVAL_MS", "0")]),
         "OUTBOX_RELAY_POLL_INTERVAL_MS: poll_interval_ms must be at least 1 (got 0)"
+    );
+    assert_eq!(
+        err(&[("OUTBOX_RELAY_MIN_POLL_INTERVAL_MS", "0")]),
+        "OUTBOX_RELAY_MIN_POLL_INTERVAL_MS: min_poll_interval_ms must be at least 1 (got 0)"
     );
     assert_eq!(
         err(&[
