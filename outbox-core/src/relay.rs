@@ -57,20 +57,16 @@ pub struct RelayConfig {
     pub lease: Duration,
     /// How often an idle relay looks for work when nothing wakes it (default 1 s).
     pub poll_interval: Duration,
-    /// The shortest time between two looks for work, unless batches are
-    /// full (default 5 ms; at most `poll_interval`). A wakeup that comes
-    /// sooner waits for it, so that a stream of wakeups (a NOTIFY per
-    /// commit) costs at most one claim per interval, each taking what came
-    /// meanwhile. It is also how soon an idle relay looks again after a
-    /// claim that found messages when nothing wakes it; each look that
-    /// finds nothing doubles that wait, up to `poll_interval`. Without
-    /// NOTIFY (MySQL, SQLite, or PostgreSQL without `notify` or `wake`),
-    /// messages that keep coming are so relayed within milliseconds, and a
-    /// relay whose work stopped is back at `poll_interval` after about ten
-    /// looks. Each look is a claim (PostgreSQL: 0.5-0.7 ms of server CPU
-    /// when empty, measured on the 2-core benchmark machine): raise it to
-    /// trade latency for database load. Equal to `poll_interval`, the relay
-    /// polls at a fixed interval (and a wakeup waits for it too).
+    /// How soon an idle relay looks again after a claim that found messages
+    /// (default 5 ms; at most `poll_interval`). Each look that finds nothing
+    /// doubles the wait, up to `poll_interval`. Without NOTIFY (MySQL,
+    /// SQLite, or PostgreSQL without `notify` or `wake`), messages that keep
+    /// coming are so relayed within milliseconds, and a relay whose work
+    /// stopped is back at `poll_interval` after a few looks (about ten from
+    /// 5 ms to 1 s). Each look is a claim (PostgreSQL: 0.5-0.7 ms of server
+    /// CPU when empty, on the 2-core benchmark machine): raise it to trade
+    /// latency for database load, or set it to `poll_interval` for a fixed
+    /// interval. Wakeups are not delayed by it.
     pub min_poll_interval: Duration,
     /// Failed attempts after which a transiently failing message is
     /// dead-lettered (default 10).
@@ -478,14 +474,10 @@ impl Relay {
         // When the soonest retry this relay scheduled falls due: an idle
         // relay wakes then rather than at its next poll.
         let mut next_retry: Option<Instant> = None;
-        // How long after the last look Idle looks anyway: short after work
-        // (more is likely to follow), doubled by every empty claim up to
-        // the poll interval.
+        // How long Idle waits for a wakeup before it looks anyway: short
+        // after work (more is likely to follow), doubled by every empty
+        // claim up to the poll interval.
         let mut idle_wait = self.config.min_poll_interval;
-        // When the last look (claim) started; the next comes no sooner than
-        // min_poll_interval after it, even when woken.
-        let mut last_look = Instant::now();
-        let min_poll = self.config.min_poll_interval.min(self.config.poll_interval);
         let store_label = self.store.name().to_string();
         loop {
             let from = state.name();
@@ -495,56 +487,43 @@ impl Relay {
                         last_stats = Some(Instant::now());
                         self.record_stats(&store_label).await;
                     }
-                    let earliest = last_look + min_poll;
-                    let mut due = last_look + idle_wait.min(self.config.poll_interval);
-                    if let Some(retry) = next_retry {
-                        due = due.min(retry.max(earliest));
+                    let mut wait = idle_wait.min(self.config.poll_interval);
+                    if let Some(due) = next_retry {
+                        wait = wait.min(due.saturating_duration_since(Instant::now()));
                     }
-                    let mut state = tokio::select! {
+                    let state = tokio::select! {
                         biased;
                         _ = cancel.cancelled() => State::Stopping,
                         _ = self.woken(&mut woken) => State::Claiming,
-                        _ = tokio::time::sleep_until(due) => State::Claiming,
+                        _ = tokio::time::sleep(wait) => State::Claiming,
                     };
-                    if matches!(state, State::Claiming) && Instant::now() < earliest {
-                        state = tokio::select! {
-                            biased;
-                            _ = cancel.cancelled() => State::Stopping,
-                            _ = tokio::time::sleep_until(earliest) => State::Claiming,
-                        };
-                    }
                     if next_retry.is_some_and(|due| due <= Instant::now()) {
                         next_retry = None;
                     }
                     state
                 }
                 State::Claiming if cancel.is_cancelled() => State::Stopping,
-                State::Claiming => {
-                    last_look = Instant::now();
-                    match self.claim().await {
-                        Ok(claim) if claim.messages.is_empty() => {
-                            store_failures = 0;
-                            idle_wait = idle_wait.saturating_mul(2).min(self.config.poll_interval);
-                            State::Idle
-                        }
-                        Ok(claim) => {
-                            store_failures = 0;
-                            State::Publishing {
-                                claim,
-                                behind: None,
-                            }
-                        }
-                        Err(e) => {
-                            store_failures += 1;
-                            self.store_error("claim", &e);
-                            State::BackingOff(self.config.store_retry.delay(store_failures))
+                State::Claiming => match self.claim().await {
+                    Ok(claim) if claim.messages.is_empty() => {
+                        store_failures = 0;
+                        idle_wait = idle_wait.saturating_mul(2).min(self.config.poll_interval);
+                        State::Idle
+                    }
+                    Ok(claim) => {
+                        store_failures = 0;
+                        State::Publishing {
+                            claim,
+                            behind: None,
                         }
                     }
-                }
+                    Err(e) => {
+                        store_failures += 1;
+                        self.store_error("claim", &e);
+                        State::BackingOff(self.config.store_retry.delay(store_failures))
+                    }
+                },
                 State::Publishing { claim, behind } => {
                     idle_wait = self.config.min_poll_interval;
-                    // A store that claims ahead claims the next batch now.
-                    last_look = Instant::now();
                     let step = self.step(claim, behind, &cancel).await;
                     let mut published = step.published;
                     let mut settled_behind = true;

@@ -48,7 +48,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("poll_interval_ms", "how often an idle relay looks for work"),
     (
         "min_poll_interval_ms",
-        "shortest time between looks; the wait after finding work, doubling to poll_interval_ms",
+        "how soon it looks again after finding work (doubling to poll_interval_ms)",
     ),
     (
         "max_attempts",
