@@ -20,8 +20,7 @@ pub const PRODUCERS: usize = 16;
 const WARM_UP: Duration = Duration::from_secs(1);
 /// Poll interval of the polling-only relays.
 pub const POLL: Duration = Duration::from_millis(100);
-/// Poll interval of the NOTIFY relays (a fallback only; no shorter look
-/// after work either, so that their figures are the wakeups' alone).
+/// Poll interval of the NOTIFY relays (a fallback only).
 const LONG_POLL: Duration = Duration::from_secs(10);
 
 /// One latency run.
@@ -107,9 +106,10 @@ impl Wakeup {
 
     /// The relay's poll interval and shortest poll wait.
     fn intervals(self) -> (Duration, Duration) {
+        let min_poll = outbox_core::RelayConfig::default().min_poll_interval;
         match self {
-            Wakeup::Notify | Wakeup::Wake => (LONG_POLL, LONG_POLL),
-            Wakeup::Polling => (POLL, outbox_core::RelayConfig::default().min_poll_interval),
+            Wakeup::Notify | Wakeup::Wake => (LONG_POLL, min_poll),
+            Wakeup::Polling => (POLL, min_poll),
             Wakeup::FixedPolling => (POLL, POLL),
         }
     }

@@ -376,10 +376,7 @@ impl Results {
                     "| {} ({}) | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {} |",
                     l.mode,
                     if l.min_poll_interval_ms < l.poll_interval_ms {
-                        format!(
-                            "poll {} ms after work, doubling to {} ms",
-                            l.min_poll_interval_ms, l.poll_interval_ms
-                        )
+                        format!("poll {}-{} ms", l.min_poll_interval_ms, l.poll_interval_ms)
                     } else {
                         format!("{} ms poll", l.poll_interval_ms)
                     },
