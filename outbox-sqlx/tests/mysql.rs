@@ -22,17 +22,39 @@ async fn pool(max: u32) -> Option<MySqlPool> {
     if !outbox_core::testing::require_service("mariadb", "127.0.0.1:3306") {
         return None;
     }
-    Some(
-        MySqlPoolOptions::new()
-            .max_connections(max)
-            .connect(&url())
+    let pool = MySqlPoolOptions::new()
+        .max_connections(max)
+        .connect(&url())
+        .await
+        .unwrap();
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    let mut first = false;
+    SWEPT.call_once(|| first = true);
+    if first {
+        sweep(&pool).await;
+    }
+    Some(pool)
+}
+
+/// Drops the databases earlier runs of these tests left behind (a run
+/// still going keeps its own).
+async fn sweep(pool: &MySqlPool) {
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT CAST(schema_name AS CHAR) FROM information_schema.schemata")
+            .fetch_all(pool)
             .await
-            .unwrap(),
-    )
+            .unwrap_or_default();
+    for name in names {
+        if outbox_core::testing::stale_scratch("t", &name) {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+                .execute(pool)
+                .await;
+        }
+    }
 }
 
 async fn fresh(pool: &MySqlPool, config: StoreConfig) -> (MySqlStore, Outbox) {
-    let table = format!("t_{:012x}.outbox", fastrand::u64(..) & 0xffff_ffff_ffff);
+    let table = format!("{}.outbox", outbox_core::testing::scratch_name("t"));
     let store = MySqlStore::with_config(pool.clone(), config.table(&table).unwrap());
     store.migrate().await.unwrap();
     (store, Outbox::new().table(&table).unwrap())

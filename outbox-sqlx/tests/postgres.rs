@@ -376,7 +376,7 @@ async fn a_kept_connection_that_died_is_replaced_without_an_error() {
         return;
     }
     // A name of its own: only this pool's connections are killed.
-    let name = common::unique("kept");
+    let name = outbox_core::testing::scratch_name("kept");
     let options: sqlx::postgres::PgConnectOptions = common::pg_url().parse().unwrap();
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)

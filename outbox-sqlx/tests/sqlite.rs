@@ -14,7 +14,19 @@ use sqlx::SqlitePool;
 fn temp_db() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join("outbox-sqlx-tests");
     std::fs::create_dir_all(&dir).unwrap();
-    dir.join(format!("{:016x}.db", fastrand::u64(..)))
+    // Once per test binary: the files of earlier runs go (with their -wal
+    // and -shm); a run still going keeps its own.
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(|| {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stem = name.split('.').next().unwrap_or_default();
+            if outbox_core::testing::stale_scratch("t", stem) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    });
+    dir.join(format!("{}.db", outbox_core::testing::scratch_name("t")))
 }
 
 async fn fresh(config: StoreConfig) -> (SqliteStore, Outbox, SqlitePool) {

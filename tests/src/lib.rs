@@ -42,6 +42,22 @@ pub async fn pg_pool(name: &str, max: u32) -> PgPool {
         .expect("connect to PostgreSQL")
 }
 
+/// Drops the schemas earlier runs left behind (a run still going keeps its
+/// own).
+async fn sweep(pool: &PgPool) {
+    let names: Vec<String> = sqlx::query_scalar("SELECT nspname::text FROM pg_namespace")
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default();
+    for name in names {
+        if outbox_core::testing::stale_scratch("e2e", &name) {
+            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                .execute(pool)
+                .await;
+        }
+    }
+}
+
 /// A migrated outbox in a fresh schema, with a business table beside it.
 #[derive(Clone)]
 pub struct Db {
@@ -59,7 +75,13 @@ impl Db {
     /// Creates the schema, the outbox tables and an `orders` table.
     pub async fn fresh() -> Db {
         let pool = pg_pool("outbox-tests-admin", 20).await;
-        let schema = format!("e2e_{}", unique());
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        let mut first = false;
+        SWEPT.call_once(|| first = true);
+        if first {
+            sweep(&pool).await;
+        }
+        let schema = outbox_core::testing::scratch_name("e2e");
         let table = format!("{schema}.outbox");
         let store = PgStore::with_config(
             pool.clone(),

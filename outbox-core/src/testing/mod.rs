@@ -63,3 +63,62 @@ pub fn require_service(name: &str, addr: &str) -> bool {
     println!("skipped: {name} is not reachable on {addr} (set OUTBOX_REQUIRE_SERVICES=1 to fail instead)");
     false
 }
+
+/// How old a scratch name must be before [`stale_scratch`] calls it a
+/// leftover: longer than any test run takes.
+pub const SCRATCH_TTL: std::time::Duration = std::time::Duration::from_secs(3 * 3600);
+
+/// A name for one test's scratch schema or database,
+/// `{prefix}_{unix seconds}_{random}`: the time in it lets a later run
+/// remove what this one leaves behind ([`stale_scratch`]) without touching
+/// a run still going.
+pub fn scratch_name(prefix: &str) -> String {
+    format!("{prefix}_{}_{:08x}", unix_secs(), fastrand::u32(..))
+}
+
+/// Whether `name` is a [`scratch_name`] with `prefix` older than
+/// [`SCRATCH_TTL`].
+pub fn stale_scratch(prefix: &str, name: &str) -> bool {
+    let Some((secs, random)) = name
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix('_'))
+        .and_then(|rest| rest.split_once('_'))
+    else {
+        return false;
+    };
+    let hex = random.len() == 8 && random.bytes().all(|b| b.is_ascii_hexdigit());
+    match secs.parse::<u64>() {
+        Ok(made) if hex => unix_secs().saturating_sub(made) > SCRATCH_TTL.as_secs(),
+        _ => false,
+    }
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scratch_names_go_stale_after_the_ttl_only() {
+        let fresh = scratch_name("t");
+        assert!(fresh.starts_with("t_"), "{fresh}");
+        assert!(!stale_scratch("t", &fresh));
+        let old = format!("t_{}_0badcafe", unix_secs() - SCRATCH_TTL.as_secs() - 60);
+        assert!(stale_scratch("t", &old));
+        assert!(!stale_scratch("m", &old), "another prefix");
+        for other in [
+            "t_ca852cebb514",
+            "t_12_xyz",
+            "t_12_0badcafe0",
+            "tt_1_0badcafe",
+            "t",
+        ] {
+            assert!(!stale_scratch("t", other), "{other}");
+        }
+    }
+}

@@ -23,18 +23,46 @@ pub async fn pool(max: u32) -> Option<PgPool> {
     if !outbox_core::testing::require_service("postgres", PG_ADDR) {
         return None;
     }
-    Some(
-        PgPoolOptions::new()
-            .max_connections(max)
-            .connect(&pg_url())
-            .await
-            .expect("connect to PostgreSQL"),
-    )
+    let pool = PgPoolOptions::new()
+        .max_connections(max)
+        .connect(&pg_url())
+        .await
+        .expect("connect to PostgreSQL");
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    let mut first = false;
+    SWEPT.call_once(|| first = true);
+    if first {
+        sweep(&pool).await;
+    }
+    Some(pool)
 }
 
-/// A fresh schema name.
+/// The prefixes of the schemas these tests make.
+const PREFIXES: [&str; 2] = ["t", "m"];
+
+/// A fresh schema name (see `outbox_core::testing::scratch_name`).
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}_{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff)
+    debug_assert!(PREFIXES.contains(&prefix), "add {prefix} to PREFIXES");
+    outbox_core::testing::scratch_name(prefix)
+}
+
+/// Drops the schemas earlier runs of these tests left behind (once per
+/// test binary; a run still going keeps its own).
+async fn sweep(pool: &PgPool) {
+    let names: Vec<String> = sqlx::query_scalar("SELECT nspname::text FROM pg_namespace")
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default();
+    for name in names {
+        if PREFIXES
+            .iter()
+            .any(|p| outbox_core::testing::stale_scratch(p, &name))
+        {
+            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                .execute(pool)
+                .await;
+        }
+    }
 }
 
 /// A migrated store in a fresh schema, and its enqueue side.
