@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use futures_util::StreamExt;
 use outbox_core::{ErrorKind, Message, Transport, TransportExt};
 use outbox_nats::{NatsConfig, NatsTransport, StreamSpec};
 
@@ -366,7 +367,7 @@ async fn acks_awaited_over_a_lost_connection_fail_at_once() {
     // Something answers the subject (so the server reports no missing
     // stream) but never acks.
     let listener = async_nats::connect(NATS_URL).await.unwrap();
-    let _sink = listener.subscribe(format!("cut{u}.>")).await.unwrap();
+    let mut sink = listener.subscribe(format!("cut{u}.>")).await.unwrap();
     listener.flush().await.unwrap();
     let stream = format!("OUTBOX_RECONNECTED_{u}");
     let js = jetstream().await;
@@ -384,8 +385,13 @@ async fn acks_awaited_over_a_lost_connection_fail_at_once() {
         let transport = transport.clone();
         tokio::spawn(async move { transport.publish_batch(&waiting).await })
     };
-    // Sent, and waiting for acks that will not come.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Sent (the sink has them all), and waiting for acks that will not come.
+    for _ in 0..5 {
+        tokio::time::timeout(Duration::from_secs(10), sink.next())
+            .await
+            .expect("the transport sent the batch")
+            .expect("the sink is subscribed");
+    }
     assert!(!call.is_finished(), "the call returned before the cut");
     proxy.cut();
     let r = tokio::time::timeout(Duration::from_secs(10), call)
