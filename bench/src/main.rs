@@ -4,8 +4,8 @@
 //! PostgreSQL backlog to each broker, a naive baseline (the reference
 //! module's design), the raw limits of each broker and of the database,
 //! commit-to-publish latency with NOTIFY and with polling, what the outbox
-//! costs business transactions, several relays and a growing backlog, and
-//! the relay's peak memory. Prints a table, writes `latest.json` and
+//! costs business transactions, several relays and a growing backlog, the
+//! relay's peak memory, and the relay on MariaDB and SQLite. Prints a table, writes `latest.json` and
 //! `latest.svg`. Asserts nothing about speed.
 //!
 //! ```text
@@ -21,6 +21,7 @@ mod opts;
 mod recorder;
 mod report;
 mod scale;
+mod stores;
 mod sys;
 mod throughput;
 
@@ -286,6 +287,18 @@ async fn phases(ctx: &Ctx, results: &mut Results, started: Instant) {
         match memory::run(ctx).await {
             Ok(m) => results.memory = Some(m),
             Err(e) => fail(results, "memory", e),
+        }
+    }
+    if o.runs("stores") {
+        log(
+            started,
+            "stores: the relay on PostgreSQL, MariaDB and SQLite (null transport)",
+        );
+        for r in stores::run(ctx).await {
+            match r {
+                Ok(d) => results.stores.push(d),
+                Err((store, e)) => fail(results, &format!("stores {store}"), e),
+            }
         }
     }
     if !redis && (o.runs("scale") || o.runs("growth") || o.runs("memory")) {

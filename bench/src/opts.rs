@@ -8,7 +8,8 @@ use crate::brokers::Broker;
 /// The usage text printed by `--help`.
 pub const USAGE: &str = "\
 outbox-bench: relay throughput, latency, enqueue cost, scale and memory
-against a naive baseline and the raw limits of the database and each broker.
+against a naive baseline and the raw limits of the database and each broker,
+and the relay on PostgreSQL, MariaDB and SQLite.
 
 USAGE:
     cargo run --release -p outbox-bench -- [--quick] [OPTIONS]
@@ -28,12 +29,13 @@ OPTIONS:
     --enqueue-secs S      duration of each enqueue-cost run (default 8, quick 3)
     --loads A,B           offered loads in tx/s for the latency runs (default 1000,5000)
     --brokers LIST        subset of jetstream,nats-core,rabbitmq,kafka-mock,redis-streams
-    --only LIST           run only these phases: throughput,latency,enqueue,scale,growth,memory
+    --only LIST           run only these phases: throughput,latency,enqueue,scale,growth,memory,stores
     --out DIR             where latest.json / latest.svg go (default bench/results)
     -h, --help            this text
 
 SERVERS (environment, defaults are the local servers):
     OUTBOX_PG_URL     postgres://postgres@127.0.0.1:5432/test
+    OUTBOX_MYSQL_URL  mysql://root@127.0.0.1:3306/test (the stores phase)
     OUTBOX_NATS_URL   nats://127.0.0.1:4222
     OUTBOX_AMQP_URL   amqp://guest:guest@127.0.0.1:5672/%2f
     OUTBOX_REDIS_URL  redis://127.0.0.1:6379
@@ -48,6 +50,7 @@ pub const PHASES: &[&str] = &[
     "scale",
     "growth",
     "memory",
+    "stores",
 ];
 
 /// What to run and how big.
@@ -89,6 +92,9 @@ pub struct Options {
     /// PostgreSQL URL.
     #[serde(skip)]
     pub pg_url: String,
+    /// MySQL / MariaDB URL (the stores phase).
+    #[serde(skip)]
+    pub mysql_url: String,
     /// NATS URL.
     #[serde(skip)]
     pub nats_url: String,
@@ -168,6 +174,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
         phases: PHASES.iter().map(|s| s.to_string()).collect(),
         out: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/results")),
         pg_url: env_or("OUTBOX_PG_URL", "postgres://postgres@127.0.0.1:5432/test"),
+        mysql_url: env_or("OUTBOX_MYSQL_URL", "mysql://root@127.0.0.1:3306/test"),
         nats_url: env_or("OUTBOX_NATS_URL", "nats://127.0.0.1:4222"),
         amqp_url: env_or("OUTBOX_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
         redis_url: env_or("OUTBOX_REDIS_URL", "redis://127.0.0.1:6379"),

@@ -9,6 +9,7 @@ use crate::memory::Memory;
 use crate::opts::Options;
 use crate::recorder::Profile;
 use crate::scale::{GrowthRun, ScaleRun};
+use crate::stores::StoreDrain;
 use crate::sys::round;
 use crate::throughput::{BrokerResult, DbLimit, Drain};
 
@@ -69,6 +70,8 @@ pub struct Results {
     pub growth: Vec<GrowthRun>,
     /// Peak RSS.
     pub memory: Option<Memory>,
+    /// The relay on each store (null transport).
+    pub stores: Vec<StoreDrain>,
     /// Targets of issue 8.
     pub targets: Vec<Target>,
     /// Phases that failed.
@@ -212,6 +215,8 @@ impl Results {
             let _ = writeln!(s, "note: {n}");
         }
 
+        // Dropped again below when the throughput phase did not run.
+        let throughput_at = s.len();
         let _ = writeln!(s, "\n1-3. Relay throughput (msg/s)");
         let _ = writeln!(
             s,
@@ -356,6 +361,9 @@ impl Results {
                 l.cpu.machine_busy_pct,
             );
         }
+        if self.brokers.is_empty() && self.db_limit.is_none() && self.relay_no_broker.is_none() {
+            s.truncate(throughput_at);
+        }
 
         if !self.latency.is_empty() {
             let _ = writeln!(
@@ -487,6 +495,47 @@ impl Results {
                 fmt_rate(mem.msg_per_s),
                 mem.bench_process_peak_rss_mib
             );
+        }
+
+        if !self.stores.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n8. The relay on each store (null transport; per batch of up to {}: mean ms)",
+                self.meta.options.as_ref().map_or(0, |o| o.batch)
+            );
+            let _ = writeln!(
+                s,
+                "| store | server | messages | msg/s | claims | claim ms | settle ms | CPU s: bench / server |"
+            );
+            let _ = writeln!(s, "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |");
+            for d in &self.stores {
+                let server = match d.store.as_str() {
+                    "postgres" => d.cpu.of("postgres"),
+                    "mysql" => d.cpu.of("mariadb"),
+                    _ => 0.0,
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.1} / {} |",
+                    d.store,
+                    d.server
+                        .split_whitespace()
+                        .take(2)
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    fmt_rate(d.published as f64),
+                    fmt_rate(d.msg_per_s),
+                    d.profile.claim.count,
+                    ms(d.profile.claim.mean),
+                    ms(d.profile.settle.mean),
+                    d.cpu.of("bench"),
+                    if d.store == "sqlite" {
+                        "- (in process)".to_string()
+                    } else {
+                        format!("{server:.1}")
+                    }
+                );
+            }
         }
 
         if !self.targets.is_empty() {

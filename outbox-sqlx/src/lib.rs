@@ -265,6 +265,28 @@ impl Owners {
             .outstanding
             .is_some_and(|(_, until)| until > tokio::time::Instant::now())
     }
+    /// Whether `owner` must rebalance before its next claim.
+    pub fn rebalance_due(&self, owner: &str, lease: std::time::Duration) -> bool {
+        self.get(owner)
+            .rebalanced
+            .is_none_or(|t| t.elapsed() >= rebalance_every(lease))
+    }
+    /// Whether a claim ahead of `outstanding` may go now: only on top of
+    /// this owner's latest, unexpired claim, and not when a rebalance is due
+    /// (the relay settles first, so that partitions given up hold no
+    /// unsettled rows).
+    pub fn may_claim_ahead(
+        &self,
+        request: &outbox_core::ClaimRequest,
+        outstanding: &outbox_core::Lease,
+    ) -> bool {
+        let owner = request.owner.as_str();
+        let latest = self.get(owner).outstanding.map(|(token, _)| token);
+        outstanding.owner == request.owner
+            && latest == Some(outstanding.token.0)
+            && self.busy(owner)
+            && !self.rebalance_due(owner, request.lease)
+    }
     /// Records a settle: clears the outstanding claim if it is this one.
     pub fn settled(&self, owner: &str, token: u64) {
         self.update(owner, |s| {
@@ -276,6 +298,98 @@ impl Owners {
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, OwnerState>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The ids each outstanding claim handed out, per owner (two claims while
+/// an owner claims ahead). Stores that fence settles by partition stamps
+/// (every row of an owner's partitions passes it) settle only these rows.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+#[derive(Default)]
+pub(crate) struct Held {
+    inner: std::sync::Mutex<std::collections::HashMap<String, HeldClaims>>,
+}
+
+/// An owner's outstanding claims: token and the ids each handed out.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+type HeldClaims = Vec<(
+    u64,
+    std::sync::Arc<std::collections::HashSet<outbox_core::MessageId>>,
+)>;
+
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+impl Held {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, HeldClaims>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a claim's ids; a claim that is not ahead replaces the
+    /// owner's earlier ones (those were settled or have failed).
+    pub fn hold(
+        &self,
+        owner: &str,
+        token: u64,
+        ids: std::collections::HashSet<outbox_core::MessageId>,
+        ahead: bool,
+    ) {
+        let mut held = self.lock();
+        let claims = held.entry(owner.to_string()).or_default();
+        if !ahead {
+            claims.clear();
+        }
+        claims.push((token, std::sync::Arc::new(ids)));
+    }
+
+    /// Every id `owner`'s outstanding claims handed out.
+    pub fn outstanding(&self, owner: &str) -> Vec<outbox_core::MessageId> {
+        self.lock()
+            .get(owner)
+            .map(|c| c.iter().flat_map(|(_, ids)| ids.iter().copied()).collect())
+            .unwrap_or_default()
+    }
+
+    /// `settlement` without ids named twice and without ids the claim
+    /// `token` of `owner` did not hand out.
+    pub fn only_held(
+        &self,
+        owner: &str,
+        token: u64,
+        settlement: &outbox_core::Settlement,
+    ) -> outbox_core::Settlement {
+        let held = self
+            .lock()
+            .get(owner)
+            .and_then(|c| c.iter().find(|(t, _)| *t == token))
+            .map(|(_, ids)| ids.clone())
+            .unwrap_or_default();
+        let mut s = dedupe(settlement);
+        s.delivered.retain(|id| held.contains(id));
+        s.retries.retain(|r| held.contains(&r.id));
+        s.dead.retain(|f| held.contains(&f.id));
+        s.released.retain(|id| held.contains(id));
+        s
+    }
+
+    /// Forgets every claim of an owner that left.
+    pub fn forget(&self, owner: &str) {
+        self.lock().remove(owner);
+    }
+
+    /// Forgets a settled claim.
+    pub fn release(&self, owner: &str, token: u64) {
+        if let Some(c) = self.lock().get_mut(owner) {
+            c.retain(|(t, _)| *t != token);
+        }
+    }
+}
+
+/// How often an owner rebalances: often enough that a new relay gets its
+/// share within a second.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+fn rebalance_every(lease: std::time::Duration) -> std::time::Duration {
+    (lease / 3).clamp(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(1),
+    )
 }
 
 /// An empty claim for an owner that may not claim now.

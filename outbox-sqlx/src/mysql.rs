@@ -2,10 +2,14 @@
 //! relays, migrations.
 //!
 //! The same design as PostgreSQL (see `crate::postgres`): virtual partitions
-//! leased by relays, a blocked-keys table for retries, fencing tokens. A
-//! claim is `SELECT … FOR UPDATE SKIP LOCKED` in a short READ COMMITTED
-//! transaction followed by the lease update. Times are UTC (`UTC_TIMESTAMP(6)`,
-//! the database clock) in `DATETIME(6)` columns.
+//! leased by relays, a blocked-keys table for retries, fencing tokens. Rows
+//! carry no lease of their own: a claim, in a short READ COMMITTED
+//! transaction, stamps a fresh token on the owner's partitions (the update
+//! locks them until the claim commits, so no other relay takes them
+//! meanwhile) and reads their pending rows with a plain read. A settle
+//! touches only rows of partitions the owner still holds with that token or
+//! a later one, and only the ids the claim handed out. Times are UTC
+//! (`UTC_TIMESTAMP(6)`, the database clock) in `DATETIME(6)` columns.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -23,8 +27,8 @@ use tracing::debug;
 
 use crate::error::db_error;
 use crate::{
-    dedupe, empty_claim, headers_from_json, sealed, Enqueue, Outbox, Owners, StoreConfig,
-    TableName, PARTITIONS,
+    empty_claim, headers_from_json, sealed, Enqueue, Held, Outbox, Owners, StoreConfig, TableName,
+    PARTITIONS,
 };
 
 const ENGINE: &str = "mysql";
@@ -72,6 +76,8 @@ pub fn schema(table: &TableName) -> String {
     not_before   DATETIME(6) NULL,
     attempts     INT NOT NULL DEFAULT 0,
     last_error   TEXT NULL,
+    -- Row leases: not used by MySqlStore since it stamps partitions; a
+    -- claim still skips rows an older version leased until they expire.
     lease_owner  VARCHAR(255) NULL,
     lease_until  DATETIME(6) NULL,
     lease_token  BIGINT NULL,
@@ -83,7 +89,8 @@ pub fn schema(table: &TableName) -> String {
 CREATE TABLE IF NOT EXISTS {t}_partitions (
     `partition`  SMALLINT PRIMARY KEY,
     owner        VARCHAR(255) NULL,
-    lease_until  DATETIME(6) NULL
+    lease_until  DATETIME(6) NULL,
+    claim_token  BIGINT NULL
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 INSERT IGNORE INTO {t}_partitions (`partition`) VALUES {parts};
 CREATE TABLE IF NOT EXISTS {t}_relays (
@@ -123,12 +130,40 @@ pub async fn migrate(pool: &MySqlPool, table: &TableName) -> Result<()> {
             break;
         }
     }
+    if result.is_ok() {
+        result = add_claim_token(&mut conn, table).await;
+    }
     sqlx::query("SELECT RELEASE_LOCK(?)")
         .bind(&lock)
         .execute(&mut *conn)
         .await
         .map_err(err("migrate"))?;
     result
+}
+
+/// Tables made before partitions carried claim tokens get the column (MySQL
+/// 8 has no `ADD COLUMN IF NOT EXISTS`).
+async fn add_claim_token(conn: &mut MySqlConnection, table: &TableName) -> Result<()> {
+    let found: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.columns \
+         WHERE table_schema = COALESCE(?, DATABASE()) AND table_name = ? \
+           AND column_name = 'claim_token'",
+    )
+    .bind(table.schema())
+    .bind(format!("{}_partitions", table.name()))
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(err("migrate"))?;
+    if found == 0 {
+        let t = table.qualified("");
+        sqlx::query(&format!(
+            "ALTER TABLE {t}_partitions ADD COLUMN claim_token BIGINT NULL"
+        ))
+        .execute(&mut *conn)
+        .await
+        .map_err(err("migrate"))?;
+    }
+    Ok(())
 }
 
 impl sealed::Sealed for MySqlConnection {}
@@ -185,6 +220,8 @@ struct Inner {
     pool: MySqlPool,
     config: StoreConfig,
     owners: Owners,
+    /// Per owner: the ids its outstanding claim handed out.
+    held: Held,
     wakeup: Notify,
 }
 
@@ -220,6 +257,7 @@ impl MySqlStore {
                 pool,
                 config,
                 owners: Owners::default(),
+                held: Held::default(),
                 wakeup: Notify::new(),
             }),
         }
@@ -327,6 +365,110 @@ impl MySqlStore {
         Ok(())
     }
 
+    /// Claims for `request.owner`; `exclude` (claiming ahead) leaves out
+    /// the rows of its outstanding claims.
+    async fn take(&self, request: &ClaimRequest, exclude: Option<Vec<MessageId>>) -> Result<Claim> {
+        let owner = request.owner.as_str();
+        let owners = &self.inner.owners;
+        let t = self.table();
+        let lease = micros(request.lease);
+        let started = tokio::time::Instant::now();
+        let mut conn = self.inner.pool.acquire().await.map_err(err("claim"))?;
+        self.begin(&mut conn, "claim").await?;
+        let mut tx = conn.begin().await.map_err(err("claim"))?;
+        let token = sqlx::query(&format!(
+            "UPDATE {t}_token SET value = LAST_INSERT_ID(value + 1) WHERE id = 1"
+        ))
+        .execute(&mut *tx)
+        .await
+        .map_err(err("claim"))?
+        .last_insert_id();
+        // Renews the owner's partition leases and stamps them with this
+        // claim's token; the rows stay locked until the commit, so no other
+        // relay takes a partition while its rows are read.
+        let stamped = sqlx::query(&format!(
+            "UPDATE {t}_partitions SET lease_until = {NOW} + INTERVAL ? MICROSECOND, \
+               claim_token = ? WHERE owner = ?"
+        ))
+        .bind(lease)
+        .bind(token)
+        .bind(owner)
+        .execute(&mut *tx)
+        .await
+        .map_err(err("claim"))?
+        .rows_affected();
+        let mut rows = Vec::new();
+        let mut now = Utc::now().naive_utc();
+        if stamped > 0 {
+            // The partitions as literals: with a subquery the optimizer may
+            // give up the scan of the pending index in seq order (and the
+            // early stop at the limit) for a join.
+            let parts: Vec<i16> = sqlx::query_scalar(&format!(
+                "SELECT `partition` FROM {t}_partitions WHERE owner = ?"
+            ))
+            .bind(owner)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(err("claim"))?;
+            // A plain read, no row locks: only the partitions' owner reads
+            // their rows. Rows leased by an older version of this store are
+            // skipped until their lease ends; a claim ahead leaves out the
+            // rows still to be settled.
+            let outside = match &exclude {
+                Some(ids) if !ids.is_empty() => format!("AND m.id NOT IN ({})", marks(ids.len())),
+                _ => String::new(),
+            };
+            let sql = format!(
+                "SELECT {COLUMNS}, {NOW} AS now FROM {t} m \
+                 WHERE m.{PENDING} AND m.`partition` IN ({}) \
+                   AND (m.not_before IS NULL OR m.not_before <= {NOW}) \
+                   AND (m.lease_until IS NULL OR m.lease_until <= {NOW}) \
+                   AND NOT EXISTS (SELECT 1 FROM {t}_blocked b \
+                                   WHERE b.key_hash = m.key_hash AND b.seq < m.seq) \
+                   {outside} \
+                 ORDER BY m.seq LIMIT ?",
+                marks(parts.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for p in &parts {
+                q = q.bind(*p);
+            }
+            for id in exclude.iter().flatten() {
+                q = q.bind(id.to_string());
+            }
+            if !parts.is_empty() {
+                rows = q
+                    .bind(i64::try_from(request.limit).unwrap_or(i64::MAX))
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(err("claim"))?;
+            }
+            if let Some(r) = rows.first() {
+                now = r.try_get("now").map_err(err("claim"))?;
+            }
+        }
+        tx.commit().await.map_err(err("claim"))?;
+        let messages = rows
+            .iter()
+            .map(|r| Self::row_to_message(r).map(|(_, m)| m))
+            .collect::<Result<Vec<_>>>()?;
+        if !messages.is_empty() {
+            owners.update(owner, |s| {
+                s.outstanding = Some((token, started + request.lease))
+            });
+            let ids = messages.iter().map(|m| m.id).collect();
+            self.inner.held.hold(owner, token, ids, exclude.is_some());
+        }
+        Ok(Claim {
+            lease: Lease {
+                owner: request.owner.clone(),
+                token: FencingToken(token),
+                expires_at: SystemTime::from(now.and_utc()) + request.lease,
+            },
+            messages,
+        })
+    }
+
     fn row_to_message(row: &MySqlRow) -> Result<(i64, Message)> {
         let get = |e: sqlx::Error| db_error(ENGINE, "claim", e);
         let id: String = row.try_get("id").map_err(get)?;
@@ -381,134 +523,23 @@ impl Store for MySqlStore {
         if owners.busy(owner) {
             return Ok(empty_claim(request));
         }
-        let every = (request.lease / 3).clamp(Duration::from_millis(100), Duration::from_secs(1));
-        if owners
-            .get(owner)
-            .rebalanced
-            .is_none_or(|t| t.elapsed() >= every)
-        {
+        if owners.rebalance_due(owner, request.lease) {
             self.rebalance(&request.owner, request.lease).await?;
             owners.update(owner, |s| s.rebalanced = Some(tokio::time::Instant::now()));
         }
-        let t = self.table();
-        let lease = micros(request.lease);
-        let started = tokio::time::Instant::now();
-        let mut conn = self.inner.pool.acquire().await.map_err(err("claim"))?;
-        self.begin(&mut conn, "claim").await?;
-        let mut tx = conn.begin().await.map_err(err("claim"))?;
-        let token = sqlx::query(&format!(
-            "UPDATE {t}_token SET value = LAST_INSERT_ID(value + 1) WHERE id = 1"
-        ))
-        .execute(&mut *tx)
-        .await
-        .map_err(err("claim"))?
-        .last_insert_id();
-        // Renewing the partition leases together with the row leases keeps
-        // every row lease inside its partition's lease.
-        sqlx::query(&format!(
-            "UPDATE {t}_partitions SET lease_until = {NOW} + INTERVAL ? MICROSECOND WHERE owner = ?"
-        ))
-        .bind(lease)
-        .bind(owner)
-        .execute(&mut *tx)
-        .await
-        .map_err(err("claim"))?;
-        let parts: Vec<i16> = sqlx::query_scalar(&format!(
-            "SELECT `partition` FROM {t}_partitions WHERE owner = ?"
-        ))
-        .bind(owner)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(err("claim"))?;
-        let mut rows = Vec::new();
-        let mut now = Utc::now().naive_utc();
-        if !parts.is_empty() {
-            // Candidates by a plain read: a locking read would also lock (and,
-            // with SKIP LOCKED, skip) rows of the blocked-keys subquery.
-            let sql = format!(
-                "SELECT seq FROM {t} m WHERE m.{PENDING} AND m.`partition` IN ({}) \
-                   AND (m.not_before IS NULL OR m.not_before <= {NOW}) \
-                   AND (m.lease_until IS NULL OR m.lease_until <= {NOW}) \
-                   AND NOT EXISTS (SELECT 1 FROM {t}_blocked b \
-                                   WHERE b.key_hash = m.key_hash AND b.seq < m.seq) \
-                 ORDER BY m.seq LIMIT ?",
-                marks(parts.len())
-            );
-            let mut q = sqlx::query_scalar::<_, i64>(&sql);
-            for p in &parts {
-                q = q.bind(*p);
-            }
-            let candidates = q
-                .bind(i64::try_from(request.limit).unwrap_or(i64::MAX))
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(err("claim"))?;
-            // Then lock them, re-checking they are still free. If one is
-            // locked elsewhere, keep only the candidates before it: a prefix
-            // in seq order never skips an earlier message of a key.
-            let mut seqs = Vec::new();
-            if !candidates.is_empty() {
-                let lock = format!(
-                    "SELECT seq FROM {t} WHERE seq IN ({}) AND {PENDING} \
-                       AND (lease_until IS NULL OR lease_until <= {NOW}) \
-                     ORDER BY seq FOR UPDATE SKIP LOCKED",
-                    marks(candidates.len())
-                );
-                let mut q = sqlx::query_scalar::<_, i64>(&lock);
-                for c in &candidates {
-                    q = q.bind(*c);
-                }
-                let locked = q.fetch_all(&mut *tx).await.map_err(err("claim"))?;
-                for (c, l) in candidates.iter().zip(&locked) {
-                    if c != l {
-                        break;
-                    }
-                    seqs.push(*c);
-                }
-            }
-            if !seqs.is_empty() {
-                let update = format!(
-                    "UPDATE {t} SET lease_owner = ?, lease_until = {NOW} + INTERVAL ? MICROSECOND, \
-                       lease_token = ? WHERE seq IN ({})",
-                    marks(seqs.len())
-                );
-                let mut q = sqlx::query(&update).bind(owner).bind(lease).bind(token);
-                for s in &seqs {
-                    q = q.bind(*s);
-                }
-                q.execute(&mut *tx).await.map_err(err("claim"))?;
-                let select = format!(
-                    "SELECT {COLUMNS}, {NOW} AS now FROM {t} WHERE seq IN ({}) ORDER BY seq",
-                    marks(seqs.len())
-                );
-                let mut q = sqlx::query(&select);
-                for s in &seqs {
-                    q = q.bind(*s);
-                }
-                rows = q.fetch_all(&mut *tx).await.map_err(err("claim"))?;
-                if let Some(r) = rows.first() {
-                    now = r.try_get("now").map_err(err("claim"))?;
-                }
-            }
+        self.take(request, None).await
+    }
+
+    async fn claim_ahead(
+        &self,
+        request: &ClaimRequest,
+        outstanding: &Lease,
+    ) -> Result<Option<Claim>> {
+        if !self.inner.owners.may_claim_ahead(request, outstanding) {
+            return Ok(None);
         }
-        tx.commit().await.map_err(err("claim"))?;
-        let messages = rows
-            .iter()
-            .map(|r| Self::row_to_message(r).map(|(_, m)| m))
-            .collect::<Result<Vec<_>>>()?;
-        if !messages.is_empty() {
-            owners.update(owner, |s| {
-                s.outstanding = Some((token, started + request.lease))
-            });
-        }
-        Ok(Claim {
-            lease: Lease {
-                owner: request.owner.clone(),
-                token: FencingToken(token),
-                expires_at: SystemTime::from(now.and_utc()) + request.lease,
-            },
-            messages,
-        })
+        let exclude = self.inner.held.outstanding(request.owner.as_str());
+        self.take(request, Some(exclude)).await.map(Some)
     }
 
     async fn settle(&self, lease: &Lease, settlement: &Settlement) -> Result<SettleReport> {
@@ -518,14 +549,44 @@ impl Store for MySqlStore {
                 .settled(lease.owner.as_str(), lease.token.0);
             return Ok(SettleReport::default());
         }
+        // Only rows this claim handed out: the partition stamp fences other
+        // owners, this fences other rows of the same partitions.
+        let owner = lease.owner.as_str();
+        let s = self.inner.held.only_held(owner, lease.token.0, settlement);
+        if s.is_empty() {
+            self.inner.owners.settled(owner, lease.token.0);
+            return Ok(SettleReport::default());
+        }
         let t = self.table();
-        let s = dedupe(settlement);
         let token = i64::try_from(lease.token.0).unwrap_or(-1);
-        let ours = format!("m.lease_token = ? AND m.{PENDING}");
         let mut report = SettleReport::default();
         let mut conn = self.inner.pool.acquire().await.map_err(err("settle"))?;
         self.begin(&mut conn, "settle").await?;
         let mut tx = conn.begin().await.map_err(err("settle"))?;
+        // Partitions the owner still holds with this claim's stamp or a
+        // later one of its own, by a plain read: as a subquery of the
+        // statements below InnoDB would lock them, and a claim ahead
+        // stamping them meanwhile would wait for this settle.
+        let parts: Vec<i16> = sqlx::query_scalar(&format!(
+            "SELECT `partition` FROM {t}_partitions WHERE owner = ? AND claim_token >= ?"
+        ))
+        .bind(owner)
+        .bind(token)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(err("settle"))?;
+        if parts.is_empty() {
+            tx.commit().await.map_err(err("settle"))?;
+            self.inner.owners.settled(owner, lease.token.0);
+            self.inner.held.release(owner, lease.token.0);
+            return Ok(report);
+        }
+        let parts = parts
+            .iter()
+            .map(i16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let ours = format!("m.`partition` IN ({parts}) AND m.{PENDING}");
 
         if !s.delivered.is_empty() {
             let ids: Vec<String> = s.delivered.iter().map(|i| i.to_string()).collect();
@@ -540,7 +601,7 @@ impl Store for MySqlStore {
                 format!("DELETE m FROM {t} m WHERE {ours} AND m.id IN ({list})")
             };
             for (i, sql) in [unblock, done].iter().enumerate() {
-                let mut q = sqlx::query(sql).bind(token);
+                let mut q = sqlx::query(sql);
                 for id in &ids {
                     q = q.bind(id);
                 }
@@ -577,7 +638,7 @@ impl Store for MySqlStore {
                  WHERE {ours} AND m.msg_key IS NOT NULL AND m.id IN ({})",
                 marks(ids.len())
             );
-            let mut q = sqlx::query(&block).bind(token);
+            let mut q = sqlx::query(&block);
             for id in &ids {
                 q = q.bind(id);
             }
@@ -597,7 +658,6 @@ impl Store for MySqlStore {
                     .bind(micros(r.delay));
             }
             report.rescheduled = q
-                .bind(token)
                 .execute(&mut *tx)
                 .await
                 .map_err(err("settle"))?
@@ -619,7 +679,7 @@ impl Store for MySqlStore {
                     marks(ids.len())
                 )
             };
-            let mut q = sqlx::query(&blocks).bind(token);
+            let mut q = sqlx::query(&blocks);
             for id in &ids {
                 q = q.bind(id);
             }
@@ -635,7 +695,6 @@ impl Store for MySqlStore {
                 q = q.bind(f.id.to_string()).bind(f.error.as_str());
             }
             report.dead_lettered = q
-                .bind(token)
                 .execute(&mut *tx)
                 .await
                 .map_err(err("settle"))?
@@ -643,24 +702,22 @@ impl Store for MySqlStore {
         }
 
         if !s.released.is_empty() {
+            // Nothing to undo (rows carry no lease): the next claim reads
+            // them again. Counted as the other engines do.
             let sql = format!(
-                "UPDATE {t} m SET {UNLEASE} WHERE {ours} AND m.id IN ({})",
+                "SELECT COUNT(*) FROM {t} m WHERE {ours} AND m.id IN ({})",
                 marks(s.released.len())
             );
-            let mut q = sqlx::query(&sql).bind(token);
+            let mut q = sqlx::query_scalar::<_, i64>(&sql);
             for id in &s.released {
                 q = q.bind(id.to_string());
             }
-            report.released = q
-                .execute(&mut *tx)
-                .await
-                .map_err(err("settle"))?
-                .rows_affected();
+            let n = q.fetch_one(&mut *tx).await.map_err(err("settle"))?;
+            report.released = u64::try_from(n).unwrap_or(0);
         }
         tx.commit().await.map_err(err("settle"))?;
-        self.inner
-            .owners
-            .settled(lease.owner.as_str(), lease.token.0);
+        self.inner.owners.settled(owner, lease.token.0);
+        self.inner.held.release(owner, lease.token.0);
         Ok(report)
     }
 
@@ -706,6 +763,7 @@ impl Store for MySqlStore {
             .await
             .map_err(err("leave"))?;
         self.inner.owners.remove(owner.as_str());
+        self.inner.held.forget(owner.as_str());
         Ok(())
     }
 }

@@ -27,7 +27,6 @@
 //! inserts ran, which is the commit order when the key's business rows are
 //! locked by the application (as they are when both update the same entity).
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -48,7 +47,7 @@ use uuid::Uuid;
 
 use crate::error::db_error;
 use crate::{
-    dedupe, empty_claim, headers_from_json, sealed, secs, Enqueue, Outbox, Owners, StoreConfig,
+    empty_claim, headers_from_json, sealed, secs, Enqueue, Held, Outbox, Owners, StoreConfig,
     TableName, PARTITIONS,
 };
 
@@ -396,7 +395,7 @@ struct Inner {
     sql: Sql,
     owners: Owners,
     /// Per owner: the ids its outstanding claims handed out, by token.
-    claims: std::sync::Mutex<HashMap<String, HeldClaims>>,
+    held: Held,
     wakeup: Arc<Notify>,
     listener: Option<tokio::task::JoinHandle<()>>,
     waiting: Waiting,
@@ -461,43 +460,6 @@ impl Inner {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, HeldClaims>> {
-        self.claims.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Records a claim's ids; a claim that is not ahead replaces the
-    /// owner's earlier ones (those were settled or have failed).
-    fn hold(&self, owner: &str, token: u64, ids: HashSet<MessageId>, ahead: bool) {
-        let ids = Arc::new(ids);
-        let mut held = self.held();
-        let claims = held.entry(owner.to_string()).or_default();
-        if !ahead {
-            claims.clear();
-        }
-        claims.push((token, ids));
-    }
-
-    /// The ids a claim of `owner` handed out (shared, not copied).
-    fn ids(&self, owner: &str, token: u64) -> Arc<HashSet<MessageId>> {
-        self.held()
-            .get(owner)
-            .and_then(|c| c.iter().find(|(t, _)| *t == token))
-            .map(|(_, ids)| ids.clone())
-            .unwrap_or_default()
-    }
-
-    /// Every id `owner`'s outstanding claims handed out.
-    fn outstanding(&self, owner: &str) -> Vec<Uuid> {
-        self.held()
-            .get(owner)
-            .map(|c| {
-                c.iter()
-                    .flat_map(|(_, ids)| ids.iter().map(|i| *i.as_uuid()))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
     fn kept(&self) -> std::sync::MutexGuard<'_, Vec<PoolConnection<sqlx::Postgres>>> {
         self.kept.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -514,17 +476,7 @@ impl Inner {
         self.wakeup.notify_waiters();
         self.wakeup.notify_one();
     }
-
-    fn release(&self, owner: &str, token: u64) {
-        if let Some(c) = self.held().get_mut(owner) {
-            c.retain(|(t, _)| *t != token);
-        }
-    }
 }
-
-/// An owner's outstanding claims (two while it claims ahead): token and
-/// the ids each handed out.
-type HeldClaims = Vec<(u64, Arc<HashSet<MessageId>>)>;
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -885,7 +837,7 @@ impl PgStore {
                 pool,
                 config,
                 owners: Owners::default(),
-                claims: std::sync::Mutex::default(),
+                held: Held::default(),
                 wakeup,
                 listener,
                 kept: std::sync::Mutex::default(),
@@ -1047,7 +999,7 @@ impl PgStore {
                 s.outstanding = Some((token, started + request.lease))
             });
             let ids = messages.iter().map(|m| m.id).collect();
-            self.inner.hold(owner, token, ids, ahead);
+            self.inner.held.hold(owner, token, ids, ahead);
         }
         Ok(Claim {
             lease: Lease {
@@ -1176,12 +1128,6 @@ where
     }
 }
 
-/// How often an owner rebalances: often enough that a new relay gets its
-/// share within a second.
-fn rebalance_every(lease: Duration) -> Duration {
-    (lease / 3).clamp(Duration::from_millis(100), Duration::from_secs(1))
-}
-
 const SELECTOR_FILTER: &str =
     "AND ($1::text IS NULL OR topic = $1) AND ($2::uuid[] IS NULL OR id = ANY($2))";
 
@@ -1250,11 +1196,7 @@ impl Store for PgStore {
         if owners.busy(owner) {
             return Ok(empty_claim(request));
         }
-        if owners
-            .get(owner)
-            .rebalanced
-            .is_none_or(|t| t.elapsed() >= rebalance_every(request.lease))
-        {
+        if owners.rebalance_due(owner, request.lease) {
             self.rebalance(&request.owner, request.lease).await?;
             owners.update(owner, |s| s.rebalanced = Some(tokio::time::Instant::now()));
         }
@@ -1266,22 +1208,11 @@ impl Store for PgStore {
         request: &ClaimRequest,
         outstanding: &Lease,
     ) -> Result<Option<Claim>> {
-        let owner = request.owner.as_str();
-        let state = self.inner.owners.get(owner);
-        let latest = state.outstanding.map(|(token, _)| token);
-        // Only on top of this owner's latest, unexpired claim. When a
-        // rebalance is due, not now: the relay settles first, so that
-        // partitions given up hold no unsettled rows.
-        if outstanding.owner != request.owner
-            || latest != Some(outstanding.token.0)
-            || !self.inner.owners.busy(owner)
-            || state
-                .rebalanced
-                .is_none_or(|t| t.elapsed() >= rebalance_every(request.lease))
-        {
+        if !self.inner.owners.may_claim_ahead(request, outstanding) {
             return Ok(None);
         }
-        let exclude = self.inner.outstanding(owner);
+        let exclude = self.inner.held.outstanding(request.owner.as_str());
+        let exclude = exclude.iter().map(|i| *i.as_uuid()).collect();
         self.take(request, Some(exclude)).await.map(Some)
     }
 
@@ -1295,12 +1226,7 @@ impl Store for PgStore {
         // Only rows this claim handed out: the partition stamp fences other
         // owners, this fences other rows of the same partitions.
         let owner = lease.owner.as_str();
-        let held = self.inner.ids(owner, lease.token.0);
-        let mut s = dedupe(settlement);
-        s.delivered.retain(|id| held.contains(id));
-        s.retries.retain(|r| held.contains(&r.id));
-        s.dead.retain(|f| held.contains(&f.id));
-        s.released.retain(|id| held.contains(id));
+        let s = self.inner.held.only_held(owner, lease.token.0, settlement);
         if s.is_empty() {
             self.inner.owners.settled(owner, lease.token.0);
             return Ok(SettleReport::default());
@@ -1344,7 +1270,7 @@ impl Store for PgStore {
             self.inner.return_kept();
         }
         self.inner.owners.settled(owner, lease.token.0);
-        self.inner.release(owner, lease.token.0);
+        self.inner.held.release(owner, lease.token.0);
         let n = |i: usize| -> Result<u64> {
             let v: i64 = row.try_get(i).map_err(err("settle"))?;
             Ok(u64::try_from(v).unwrap_or(0))
@@ -1438,11 +1364,7 @@ impl Store for PgStore {
             .await
             .map_err(err("leave"))?;
         self.inner.owners.remove(owner.as_str());
-        self.inner
-            .claims
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(owner.as_str());
+        self.inner.held.forget(owner.as_str());
         Ok(())
     }
 }

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use outbox_core::testing::{store_conformance, ScriptedTransport, StoreHarness, StoreOptions};
-use outbox_core::{CancellationToken, ErrorKind, Message, MessageId, Relay, RetryPolicy};
+use outbox_core::{
+    CancellationToken, ClaimRequest, ErrorKind, Message, MessageId, Relay, RelayId, RetryPolicy,
+    Settlement, Store,
+};
 use outbox_sqlx::mysql::MySqlStore;
 use outbox_sqlx::{Outbox, StoreConfig};
 use sqlx::mysql::MySqlPoolOptions;
@@ -125,6 +128,82 @@ async fn rollback_leaves_no_row_commit_one_and_a_batch_of_ten_thousand() {
     outbox.enqueue_batch(&mut *tx, &ms).await.unwrap();
     tx.commit().await.unwrap();
     assert_eq!(count(&pool, &outbox).await, 10_001);
+}
+
+/// A table an older version made: its partitions have no claim token, and
+/// rows may still carry that version's row leases.
+#[tokio::test]
+async fn a_table_from_before_partition_stamps_is_upgraded() {
+    let Some(pool) = pool(4).await else { return };
+    let (store, outbox) = fresh(&pool, StoreConfig::default()).await;
+    let t = outbox.table_name().to_string();
+    sqlx::query(&format!(
+        "ALTER TABLE {t}_partitions DROP COLUMN claim_token"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    store.migrate().await.unwrap();
+    store.migrate().await.unwrap();
+    let leased = Message::builder("up.grade", "a").key("k1").build().unwrap();
+    let free = Message::builder("up.grade", "b").key("k2").build().unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    outbox
+        .enqueue_batch(&mut *tx, &[leased.clone(), free.clone()])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let lease_until = |at: &'static str| {
+        let (pool, t, id) = (pool.clone(), t.clone(), leased.id.to_string());
+        async move {
+            sqlx::query(&format!(
+                "UPDATE {t} SET lease_owner = 'old', lease_token = 1, lease_until = {at} \
+                 WHERE id = ?"
+            ))
+            .bind(id)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    lease_until("UTC_TIMESTAMP(6) + INTERVAL 1 HOUR").await;
+    let request = ClaimRequest {
+        owner: RelayId::new("new"),
+        limit: 10,
+        lease: Duration::from_secs(30),
+    };
+    let claim = store.claim(&request).await.unwrap();
+    let ids: Vec<MessageId> = claim.messages.iter().map(|m| m.id).collect();
+    assert_eq!(
+        ids,
+        vec![free.id],
+        "a row an older relay leases is left to it"
+    );
+    let done = Settlement {
+        delivered: ids,
+        ..Settlement::default()
+    };
+    assert_eq!(
+        store.settle(&claim.lease, &done).await.unwrap().delivered,
+        1
+    );
+    lease_until("UTC_TIMESTAMP(6) - INTERVAL 1 SECOND").await;
+    let claim = store.claim(&request).await.unwrap();
+    let ids: Vec<MessageId> = claim.messages.iter().map(|m| m.id).collect();
+    assert_eq!(
+        ids,
+        vec![leased.id],
+        "once its lease ended, the row is claimed"
+    );
+    let done = Settlement {
+        delivered: ids,
+        ..Settlement::default()
+    };
+    assert_eq!(
+        store.settle(&claim.lease, &done).await.unwrap().delivered,
+        1
+    );
+    assert_eq!(count(&pool, &outbox).await, 0);
 }
 
 #[tokio::test]
