@@ -508,8 +508,9 @@ impl Results {
                 "| store | server | messages | msg/s | claims | claim ms | settle ms | CPU s: bench / server |"
             );
             let _ = writeln!(s, "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |");
-            for d in &self.stores {
-                let server = match d.store.as_str() {
+            for st in &self.stores {
+                let d = &st.drain;
+                let server = match st.store.as_str() {
                     "postgres" => d.cpu.of("postgres"),
                     "mysql" => d.cpu.of("mariadb"),
                     _ => 0.0,
@@ -517,8 +518,8 @@ impl Results {
                 let _ = writeln!(
                     s,
                     "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.1} / {} |",
-                    d.store,
-                    d.server
+                    st.store,
+                    st.server
                         .split_whitespace()
                         .take(2)
                         .collect::<Vec<_>>()
@@ -529,7 +530,7 @@ impl Results {
                     ms(d.profile.claim.mean),
                     ms(d.profile.settle.mean),
                     d.cpu.of("bench"),
-                    if d.store == "sqlite" {
+                    if st.store == "sqlite" {
                         "- (in process)".to_string()
                     } else {
                         format!("{server:.1}")

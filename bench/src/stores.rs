@@ -15,8 +15,8 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 
 use crate::brokers::NullTransport;
 use crate::db::message;
-use crate::recorder::Profile;
 use crate::sys::{self, round, CpuUse};
+use crate::throughput::Drain;
 use crate::{BoxResult, Ctx};
 
 /// Rows per enqueue transaction while pre-filling.
@@ -29,18 +29,9 @@ pub struct StoreDrain {
     pub store: String,
     /// What ran it (server version, or the SQLite library's).
     pub server: String,
-    /// Messages published and settled.
-    pub published: u64,
-    /// Wall seconds of the drain.
-    pub secs: f64,
-    /// Messages per second.
-    pub msg_per_s: f64,
-    /// How long the pre-fill took (`enqueue_batch`, 5,000 per transaction).
-    pub prefill_secs: f64,
-    /// The relay's own metrics over the drain.
-    pub profile: Profile,
-    /// Where CPU went.
-    pub cpu: CpuUse,
+    /// The drain (pre-fill: `enqueue_batch`, 5,000 per transaction).
+    #[serde(flatten)]
+    pub drain: Drain,
 }
 
 /// Drains a backlog of `ctx.opts.messages` on each store.
@@ -54,7 +45,7 @@ pub async fn run(ctx: &Ctx) -> Vec<Result<StoreDrain, (String, crate::BoxError)>
             _ => sqlite(ctx).await,
         };
         match &r {
-            Ok(d) => eprintln!("  {store}: {:.0} msg/s", d.msg_per_s),
+            Ok(d) => eprintln!("  {store}: {:.0} msg/s", d.drain.msg_per_s),
             Err(e) => eprintln!("  {store}: FAILED {e}"),
         }
         out.push(r.map_err(|e| (store.to_string(), e)));
@@ -66,19 +57,7 @@ async fn postgres(ctx: &Ctx) -> BoxResult<StoreDrain> {
     let table = ctx.db.outbox("stores").await?;
     let result = async {
         let pool = ctx.db.pool("outbox-bench-stores", 4).await?;
-        let outbox = Outbox::new().table(&table.name)?;
-        let n = ctx.opts.messages;
-        let prefill = prefill(ctx, n, |batch| {
-            let pool = pool.clone();
-            let outbox = outbox.clone();
-            async move {
-                let mut tx = pool.begin().await?;
-                outbox.enqueue_batch(&mut *tx, &batch).await?;
-                tx.commit().await?;
-                Ok(())
-            }
-        })
-        .await?;
+        let prefill = prefill(ctx, &pool, &Outbox::new().table(&table.name)?).await?;
         sqlx::query(&format!("ANALYZE {}", table.name))
             .execute(&ctx.db.admin)
             .await?;
@@ -111,19 +90,7 @@ async fn mysql(ctx: &Ctx) -> BoxResult<StoreDrain> {
         let config = StoreConfig::default().table(&table)?;
         let store = MySqlStore::with_config(pool.clone(), config);
         store.migrate().await?;
-        let outbox = Outbox::new().table(&table)?;
-        let n = ctx.opts.messages;
-        let prefill = prefill(ctx, n, |batch| {
-            let pool = pool.clone();
-            let outbox = outbox.clone();
-            async move {
-                let mut tx = pool.begin().await?;
-                outbox.enqueue_batch(&mut *tx, &batch).await?;
-                tx.commit().await?;
-                Ok(())
-            }
-        })
-        .await?;
+        let prefill = prefill(ctx, &pool, &Outbox::new().table(&table)?).await?;
         sqlx::query(&format!("ANALYZE TABLE {table}"))
             .execute(&pool)
             .await?;
@@ -150,19 +117,7 @@ async fn sqlite(ctx: &Ctx) -> BoxResult<StoreDrain> {
         let pool = outbox_sqlx::sqlite::connect(dir.join("outbox.db")).await?;
         let store = SqliteStore::new(pool.clone());
         store.migrate().await?;
-        let outbox = Outbox::new();
-        let n = ctx.opts.messages;
-        let prefill = prefill(ctx, n, |batch| {
-            let pool = pool.clone();
-            let outbox = outbox.clone();
-            async move {
-                let mut tx = pool.begin().await?;
-                outbox.enqueue_batch(&mut *tx, &batch).await?;
-                tx.commit().await?;
-                Ok(())
-            }
-        })
-        .await?;
+        let prefill = prefill(ctx, &pool, &Outbox::new()).await?;
         let server: String = sqlx::query_scalar("SELECT 'SQLite ' || sqlite_version()")
             .fetch_one(&pool)
             .await?;
@@ -177,14 +132,15 @@ async fn sqlite(ctx: &Ctx) -> BoxResult<StoreDrain> {
     result
 }
 
-/// Enqueues `n` backlog messages through `write`, a batch per transaction;
-/// returns how long that took.
-async fn prefill<F, Fut>(ctx: &Ctx, n: usize, write: F) -> BoxResult<Duration>
+/// Enqueues `--messages` backlog messages, a batch per transaction; returns
+/// how long that took.
+async fn prefill<DB>(ctx: &Ctx, pool: &sqlx::Pool<DB>, outbox: &Outbox) -> BoxResult<Duration>
 where
-    F: Fn(Vec<outbox_core::Message>) -> Fut,
-    Fut: std::future::Future<Output = BoxResult<()>>,
+    DB: sqlx::Database,
+    DB::Connection: outbox_sqlx::Enqueue,
 {
     let topic = format!("bench.{}.stores", ctx.brokers.u);
+    let n = ctx.opts.messages;
     let started = Instant::now();
     let mut i = 0;
     while i < n {
@@ -192,7 +148,9 @@ where
         let batch = (i..i + m)
             .map(|j| message(&topic, &ctx.payload, ctx.opts.keys, j))
             .collect::<BoxResult<Vec<_>>>()?;
-        write(batch).await?;
+        let mut tx = pool.begin().await?;
+        outbox.enqueue_batch(&mut *tx, &batch).await?;
+        tx.commit().await?;
         i += m;
     }
     Ok(started.elapsed())
@@ -225,11 +183,13 @@ async fn drain(
     Ok(StoreDrain {
         store: name.to_string(),
         server,
-        published: report.published,
-        secs: round(secs, 3),
-        msg_per_s: round(report.published as f64 / secs, 0),
-        prefill_secs: round(prefill.as_secs_f64(), 2),
-        profile: ctx.rec.profile(),
-        cpu,
+        drain: Drain {
+            published: report.published,
+            secs: round(secs, 3),
+            msg_per_s: round(report.published as f64 / secs, 0),
+            prefill_secs: round(prefill.as_secs_f64(), 2),
+            profile: ctx.rec.profile(),
+            cpu,
+        },
     })
 }
