@@ -184,6 +184,28 @@ pub async fn prefill(
     keys: usize,
 ) -> BoxResult<Duration> {
     let outbox = Outbox::new().table(&table.name)?;
+    let took = enqueue_backlog(&db.admin, &outbox, topic, n, payload, keys).await?;
+    sqlx::query(&format!("ANALYZE {}", table.name))
+        .execute(&db.admin)
+        .await?;
+    Ok(took)
+}
+
+/// Enqueues backlog messages `0..n` on `topic` into `outbox` on `pool`
+/// (`Outbox::enqueue_batch`, 10,000 per transaction); returns how long that
+/// took.
+pub async fn enqueue_backlog<DB>(
+    pool: &sqlx::Pool<DB>,
+    outbox: &Outbox,
+    topic: &str,
+    n: usize,
+    payload: &Bytes,
+    keys: usize,
+) -> BoxResult<Duration>
+where
+    DB: sqlx::Database,
+    DB::Connection: outbox_sqlx::Enqueue,
+{
     let started = Instant::now();
     let mut i = 0;
     while i < n {
@@ -191,14 +213,10 @@ pub async fn prefill(
         let batch = (i..i + m)
             .map(|j| message(topic, payload, keys, j))
             .collect::<BoxResult<Vec<_>>>()?;
-        let mut tx = db.admin.begin().await?;
+        let mut tx = pool.begin().await?;
         outbox.enqueue_batch(&mut *tx, &batch).await?;
         tx.commit().await?;
         i += m;
     }
-    let took = started.elapsed();
-    sqlx::query(&format!("ANALYZE {}", table.name))
-        .execute(&db.admin)
-        .await?;
-    Ok(took)
+    Ok(started.elapsed())
 }

@@ -4,9 +4,9 @@
 //! PostgreSQL. What the store costs the relay, with no broker in the way.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use outbox_core::{Relay, Store};
+use outbox_core::Store;
 use outbox_sqlx::mysql::MySqlStore;
 use outbox_sqlx::postgres::PgStore;
 use outbox_sqlx::sqlite::SqliteStore;
@@ -14,13 +14,9 @@ use outbox_sqlx::{Outbox, StoreConfig};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 
 use crate::brokers::NullTransport;
-use crate::db::message;
-use crate::sys::{self, round, CpuUse};
-use crate::throughput::Drain;
+use crate::db::enqueue_backlog;
+use crate::throughput::{relay_drain, Drain};
 use crate::{BoxResult, Ctx};
-
-/// Rows per enqueue transaction while pre-filling.
-const PREFILL_TX: usize = 5_000;
 
 /// One store's drain.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -29,7 +25,7 @@ pub struct StoreDrain {
     pub store: String,
     /// What ran it (server version, or the SQLite library's).
     pub server: String,
-    /// The drain (pre-fill: `enqueue_batch`, 5,000 per transaction).
+    /// The drain (pre-fill: `enqueue_batch`, 10,000 per transaction).
     #[serde(flatten)]
     pub drain: Drain,
 }
@@ -132,31 +128,25 @@ async fn sqlite(ctx: &Ctx) -> BoxResult<StoreDrain> {
     result
 }
 
-/// Enqueues `--messages` backlog messages, a batch per transaction; returns
-/// how long that took.
+/// Enqueues the `--messages` backlog into `outbox` on `pool`.
 async fn prefill<DB>(ctx: &Ctx, pool: &sqlx::Pool<DB>, outbox: &Outbox) -> BoxResult<Duration>
 where
     DB: sqlx::Database,
     DB::Connection: outbox_sqlx::Enqueue,
 {
     let topic = format!("bench.{}.stores", ctx.brokers.u);
-    let n = ctx.opts.messages;
-    let started = Instant::now();
-    let mut i = 0;
-    while i < n {
-        let m = PREFILL_TX.min(n - i);
-        let batch = (i..i + m)
-            .map(|j| message(&topic, &ctx.payload, ctx.opts.keys, j))
-            .collect::<BoxResult<Vec<_>>>()?;
-        let mut tx = pool.begin().await?;
-        outbox.enqueue_batch(&mut *tx, &batch).await?;
-        tx.commit().await?;
-        i += m;
-    }
-    Ok(started.elapsed())
+    enqueue_backlog(
+        pool,
+        outbox,
+        &topic,
+        ctx.opts.messages,
+        &ctx.payload,
+        ctx.opts.keys,
+    )
+    .await
 }
 
-/// One relay (batch size from the options) drains the store.
+/// One relay drains the store through the null transport.
 async fn drain(
     ctx: &Ctx,
     name: &str,
@@ -164,32 +154,10 @@ async fn drain(
     store: Arc<dyn Store>,
     prefill: Duration,
 ) -> BoxResult<StoreDrain> {
-    let n = ctx.opts.messages;
-    let relay = Relay::builder(store, Arc::new(NullTransport))
-        .batch_size(ctx.opts.batch)
-        .build()?;
-    ctx.rec.reset();
-    let c0 = sys::sample();
-    let started = Instant::now();
-    let report = relay.drain().await?;
-    let secs = started.elapsed().as_secs_f64();
-    let cpu = CpuUse::between(&c0, &sys::sample());
-    if report.published != n as u64 {
-        eprintln!(
-            "  warning: {name}: published {} of {n} ({report:?})",
-            report.published
-        );
-    }
+    let transport = Arc::new(NullTransport);
     Ok(StoreDrain {
         store: name.to_string(),
         server,
-        drain: Drain {
-            published: report.published,
-            secs: round(secs, 3),
-            msg_per_s: round(report.published as f64 / secs, 0),
-            prefill_secs: round(prefill.as_secs_f64(), 2),
-            profile: ctx.rec.profile(),
-            cpu,
-        },
+        drain: relay_drain(ctx, name, store, transport, ctx.opts.messages, prefill).await?,
     })
 }

@@ -140,35 +140,49 @@ pub async fn drain(
     let result = async {
         let prefill_took = prefill(&ctx.db, &table, topic, n, &ctx.payload, ctx.opts.keys).await?;
         let pool = ctx.db.pool("outbox-bench-relay", 4).await?;
-        let relay = Relay::builder(Arc::new(pg_store(pool.clone(), &table)?), transport)
-            .batch_size(ctx.opts.batch)
-            .build()?;
-        ctx.rec.reset();
-        let c0 = sys::sample();
-        let started = Instant::now();
-        let report = relay.drain().await?;
-        let secs = started.elapsed().as_secs_f64();
-        let cpu = CpuUse::between(&c0, &sys::sample());
-        let profile = ctx.rec.profile();
+        let store = Arc::new(pg_store(pool.clone(), &table)?);
+        let drained = relay_drain(ctx, label, store, transport, n, prefill_took).await;
         pool.close().await;
-        if report.published != n as u64 {
-            eprintln!(
-                "  warning: {label}: published {} of {n} ({report:?})",
-                report.published
-            );
-        }
-        Ok::<_, crate::BoxError>(Drain {
-            published: report.published,
-            secs: round(secs, 3),
-            msg_per_s: round(report.published as f64 / secs, 0),
-            prefill_secs: round(prefill_took.as_secs_f64(), 2),
-            profile,
-            cpu,
-        })
+        drained
     }
     .await;
     ctx.db.drop(&table.schema).await;
     result
+}
+
+/// One relay (`Relay::drain`, batch size from the options) drains the `n`
+/// messages pre-filled in `store` (which took `prefill`) over `transport`.
+pub async fn relay_drain(
+    ctx: &Ctx,
+    label: &str,
+    store: Arc<dyn Store>,
+    transport: Arc<dyn Transport>,
+    n: usize,
+    prefill: Duration,
+) -> BoxResult<Drain> {
+    let relay = Relay::builder(store, transport)
+        .batch_size(ctx.opts.batch)
+        .build()?;
+    ctx.rec.reset();
+    let c0 = sys::sample();
+    let started = Instant::now();
+    let report = relay.drain().await?;
+    let secs = started.elapsed().as_secs_f64();
+    let cpu = CpuUse::between(&c0, &sys::sample());
+    if report.published != n as u64 {
+        eprintln!(
+            "  warning: {label}: published {} of {n} ({report:?})",
+            report.published
+        );
+    }
+    Ok(Drain {
+        published: report.published,
+        secs: round(secs, 3),
+        msg_per_s: round(report.published as f64 / secs, 0),
+        prefill_secs: round(prefill.as_secs_f64(), 2),
+        profile: ctx.rec.profile(),
+        cpu,
+    })
 }
 
 /// The database limit: `PgStore::claim` + `PgStore::settle` (all delivered)

@@ -31,9 +31,7 @@ async fn pool(max: u32) -> Option<MySqlPool> {
         .await
         .unwrap();
     static SWEPT: std::sync::Once = std::sync::Once::new();
-    let mut first = false;
-    SWEPT.call_once(|| first = true);
-    if first {
+    if outbox_core::testing::first_time(&SWEPT) {
         sweep(&pool).await;
     }
     Some(pool)
@@ -47,12 +45,10 @@ async fn sweep(pool: &MySqlPool) {
             .fetch_all(pool)
             .await
             .unwrap_or_default();
-    for name in names {
-        if outbox_core::testing::stale_scratch("t", &name) {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
-                .execute(pool)
-                .await;
-        }
+    for name in outbox_core::testing::stale_names(&["t"], names) {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+            .execute(pool)
+            .await;
     }
 }
 

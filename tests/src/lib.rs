@@ -49,12 +49,10 @@ async fn sweep(pool: &PgPool) {
         .fetch_all(pool)
         .await
         .unwrap_or_default();
-    for name in names {
-        if outbox_core::testing::stale_scratch("e2e", &name) {
-            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
-                .execute(pool)
-                .await;
-        }
+    for name in outbox_core::testing::stale_names(&["e2e"], names) {
+        let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+            .execute(pool)
+            .await;
     }
 }
 
@@ -76,9 +74,7 @@ impl Db {
     pub async fn fresh() -> Db {
         let pool = pg_pool("outbox-tests-admin", 20).await;
         static SWEPT: std::sync::Once = std::sync::Once::new();
-        let mut first = false;
-        SWEPT.call_once(|| first = true);
-        if first {
+        if outbox_core::testing::first_time(&SWEPT) {
             sweep(&pool).await;
         }
         let schema = outbox_core::testing::scratch_name("e2e");

@@ -93,6 +93,24 @@ pub fn stale_scratch(prefix: &str, name: &str) -> bool {
     }
 }
 
+/// Of `names` (schemas or databases on a test server), those that are
+/// stale [`scratch_name`]s with one of `prefixes`: what a test binary drops
+/// before its first test.
+pub fn stale_names(prefixes: &[&str], names: Vec<String>) -> Vec<String> {
+    names
+        .into_iter()
+        .filter(|n| prefixes.iter().any(|p| stale_scratch(p, n)))
+        .collect()
+}
+
+/// True the first time it is called with `once` (a `static`), so that a
+/// test binary sweeps stale scratch names once, not per test.
+pub fn first_time(once: &std::sync::Once) -> bool {
+    let mut first = false;
+    once.call_once(|| first = true);
+    first
+}
+
 fn unix_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -120,5 +138,13 @@ mod tests {
         ] {
             assert!(!stale_scratch("t", other), "{other}");
         }
+        let names = vec![fresh.clone(), old.clone(), format!("m{}", &old[1..])];
+        assert_eq!(
+            stale_names(&["t", "m"], names),
+            vec![old.clone(), format!("m{}", &old[1..])]
+        );
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        assert!(first_time(&ONCE));
+        assert!(!first_time(&ONCE));
     }
 }

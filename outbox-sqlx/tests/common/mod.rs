@@ -29,9 +29,7 @@ pub async fn pool(max: u32) -> Option<PgPool> {
         .await
         .expect("connect to PostgreSQL");
     static SWEPT: std::sync::Once = std::sync::Once::new();
-    let mut first = false;
-    SWEPT.call_once(|| first = true);
-    if first {
+    if outbox_core::testing::first_time(&SWEPT) {
         sweep(&pool).await;
     }
     Some(pool)
@@ -53,15 +51,10 @@ async fn sweep(pool: &PgPool) {
         .fetch_all(pool)
         .await
         .unwrap_or_default();
-    for name in names {
-        if PREFIXES
-            .iter()
-            .any(|p| outbox_core::testing::stale_scratch(p, &name))
-        {
-            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
-                .execute(pool)
-                .await;
-        }
+    for name in outbox_core::testing::stale_names(&PREFIXES, names) {
+        let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+            .execute(pool)
+            .await;
     }
 }
 
