@@ -48,6 +48,10 @@ mod common;
 
 use common::{env_or, pg_connect, unique, BoxError};
 
+/// How long an XREAD blocks: well under redis-rs's 500 ms response timeout,
+/// which a reply blocked for the same 500 ms sometimes missed.
+const BLOCK_MS: u64 = 200;
+
 /// The events the program enqueues, per business transaction.
 const ORDER_1: &[(&str, &str)] = &[
     ("orders.placed", r#"{"order":1,"total":120}"#),
@@ -506,13 +510,21 @@ async fn redis_consumer(
         loop {
             let reply: redis::RedisResult<StreamReadReply> = redis::cmd("XREAD")
                 .arg("BLOCK")
-                .arg(500)
+                .arg(BLOCK_MS)
                 .arg("STREAMS")
                 .arg(&keys)
                 .arg(&last)
                 .query_async(&mut conn)
                 .await;
-            let Ok(reply) = reply else { break };
+            let reply = match reply {
+                Ok(reply) => reply,
+                // A read that failed (a timeout, a dropped connection) is
+                // tried again: ending here lost every later message.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             for stream in reply.keys {
                 let Some(i) = keys.iter().position(|k| *k == stream.key) else {
                     continue;

@@ -35,6 +35,10 @@ struct Arrived {
     payload: String,
 }
 
+/// How long an XREAD blocks: well under redis-rs's 500 ms response timeout,
+/// which a reply blocked for the same 500 ms sometimes missed.
+const BLOCK_MS: u64 = 200;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     match run().await {
@@ -109,13 +113,21 @@ async fn demo(
         loop {
             let reply: redis::RedisResult<StreamReadReply> = redis::cmd("XREAD")
                 .arg("BLOCK")
-                .arg(500)
+                .arg(BLOCK_MS)
                 .arg("STREAMS")
                 .arg(&key)
                 .arg(&last)
                 .query_async(&mut reader)
                 .await;
-            let Ok(reply) = reply else { break };
+            let reply = match reply {
+                Ok(reply) => reply,
+                // A read that failed (a timeout, a dropped connection) is
+                // tried again: ending here lost every later message.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             for entry in reply.keys.into_iter().flat_map(|k| k.ids) {
                 last = entry.id.clone();
                 let fields = entry.map.iter().filter_map(|(name, value)| match value {

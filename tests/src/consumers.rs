@@ -145,7 +145,8 @@ pub fn redis_stream(url: &str, key: &str) -> Log {
                         .arg("COUNT")
                         .arg(1000)
                         .arg("BLOCK")
-                        .arg(500)
+                        // Under redis-rs's 500 ms response timeout.
+                        .arg(200)
                         .arg("STREAMS")
                         .arg(&key)
                         .arg(&last)
