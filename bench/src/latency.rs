@@ -10,7 +10,7 @@ use outbox_core::{CancellationToken, Message, MessageId, Relay};
 use outbox_sqlx::postgres::PgStore;
 use outbox_sqlx::{Outbox, StoreConfig};
 
-use crate::recorder::{percentile, Series};
+use crate::recorder::{percentile, Profile};
 use crate::sys::{self, round, CpuUse};
 use crate::{BoxResult, Ctx};
 
@@ -22,6 +22,8 @@ const WARM_UP: Duration = Duration::from_secs(1);
 pub const POLL: Duration = Duration::from_millis(100);
 /// Poll interval of the NOTIFY relays (a fallback only).
 const LONG_POLL: Duration = Duration::from_secs(10);
+/// A directory: each run writes every message's timings there as CSV.
+pub const TRACE_ENV: &str = "OUTBOX_BENCH_TRACE";
 
 /// One latency run.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -40,7 +42,8 @@ pub struct LatencyRun {
     pub measured: usize,
     /// Committed messages that never arrived within the wait.
     pub missing: usize,
-    /// From just before COMMIT to arrival at the consumer (ms).
+    /// From COMMIT's return (the transaction is committed) to arrival at
+    /// the consumer (ms).
     pub p50_ms: f64,
     /// 90th percentile (ms).
     pub p90_ms: f64,
@@ -50,13 +53,15 @@ pub struct LatencyRun {
     pub max_ms: f64,
     /// How late producers ran behind their schedule, 99th percentile (ms).
     pub schedule_lag_p99_ms: f64,
-    /// The relay's own `outbox_commit_to_publish_seconds` (from the
-    /// message's creation, before INSERT, to the broker's acknowledgement).
-    pub relay_commit_to_publish: Series,
-    /// Publishes the relay saw fail (retried later with backoff).
-    pub relay_failed: u64,
-    /// Store calls the relay saw fail.
-    pub relay_store_errors: u64,
+    /// From just before COMMIT to arrival, 99th percentile (ms): the
+    /// commit's own wait for the WAL flush included.
+    pub p99_from_before_commit_ms: f64,
+    /// How long the producers' COMMIT took, 99th percentile (ms).
+    pub commit_p99_ms: f64,
+    /// The relay's own metrics: claim, publish and settle times, batch
+    /// sizes, `outbox_commit_to_publish_seconds` (from the message's
+    /// creation, before INSERT, to the broker's acknowledgement), failures.
+    pub relay: Profile,
     /// Where CPU went.
     pub cpu: CpuUse,
 }
@@ -64,6 +69,7 @@ pub struct LatencyRun {
 struct Produced {
     id: MessageId,
     before_commit: Instant,
+    committed: Instant,
     lag: Duration,
 }
 
@@ -233,12 +239,14 @@ async fn measure(
                 outbox.enqueue(&mut *tx, &m).await?;
                 let before_commit = Instant::now();
                 tx.commit().await?;
+                let committed = Instant::now();
                 if wakeup == Wakeup::Wake {
                     outbox.wake(&mut *conn).await?;
                 }
                 out.push(Produced {
                     id: m.id,
                     before_commit,
+                    committed,
                     lag,
                 });
             }
@@ -265,7 +273,6 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let cpu = CpuUse::between(&c0, &sys::sample());
-    let relay_c2p = Series::of(&ctx.rec.samples(outbox_core::metrics::COMMIT_TO_PUBLISH));
     let relay_profile = ctx.rec.profile();
     cancel.cancel();
     let _ = relay_task.await;
@@ -279,21 +286,43 @@ async fn measure(
 
     let arrived = arrived.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let warm = start + WARM_UP;
-    let mut lat = Vec::new();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let (mut lat, mut with_commit, mut commits, mut lags) = (vec![], vec![], vec![], vec![]);
     let mut missing = 0;
-    let mut lags = Vec::new();
+    // One line per message: when its COMMIT began (ms into the run), how
+    // long it took, how late the producer was, and its latency.
+    let mut trace = String::from("commit_at_ms,commit_ms,lag_ms,latency_ms\n");
     for p in &produced {
         if p.before_commit < warm {
             continue;
         }
-        lags.push(p.lag.as_secs_f64() * 1e3);
-        match arrived.get(&p.id) {
-            Some(t) => lat.push(t.saturating_duration_since(p.before_commit).as_secs_f64() * 1e3),
+        lags.push(ms(p.lag));
+        commits.push(ms(p.committed - p.before_commit));
+        let latency = arrived.get(&p.id).map(|t| {
+            with_commit.push(ms(t.saturating_duration_since(p.before_commit)));
+            ms(t.saturating_duration_since(p.committed))
+        });
+        match latency {
+            Some(l) => lat.push(l),
             None => missing += 1,
         }
+        trace.push_str(&format!(
+            "{:.3},{:.3},{:.3},{:.3}\n",
+            ms(p.before_commit - start),
+            ms(p.committed - p.before_commit),
+            ms(p.lag),
+            latency.unwrap_or(-1.0)
+        ));
     }
-    lat.sort_by(f64::total_cmp);
-    lags.sort_by(f64::total_cmp);
+    if let Ok(dir) = std::env::var(TRACE_ENV) {
+        let file = format!("{dir}/latency-{}-{load}.csv", wakeup.name());
+        if let Err(e) = std::fs::write(&file, trace) {
+            eprintln!("  could not write {file}: {e}");
+        }
+    }
+    for v in [&mut lat, &mut with_commit, &mut commits, &mut lags] {
+        v.sort_by(f64::total_cmp);
+    }
     Ok(LatencyRun {
         mode: String::new(),
         poll_interval_ms: u64::try_from(poll.as_millis()).unwrap_or(u64::MAX),
@@ -307,9 +336,9 @@ async fn measure(
         p99_ms: round(percentile(&lat, 0.99), 2),
         max_ms: round(lat.last().copied().unwrap_or(0.0), 2),
         schedule_lag_p99_ms: round(percentile(&lags, 0.99), 2),
-        relay_commit_to_publish: relay_c2p,
-        relay_failed: relay_profile.failed,
-        relay_store_errors: relay_profile.store_errors,
+        p99_from_before_commit_ms: round(percentile(&with_commit, 0.99), 2),
+        commit_p99_ms: round(percentile(&commits, 0.99), 2),
+        relay: relay_profile,
         cpu,
     })
 }

@@ -40,6 +40,11 @@ SERVERS (environment, defaults are the local servers):
     OUTBOX_AMQP_URL   amqp://guest:guest@127.0.0.1:5672/%2f
     OUTBOX_REDIS_URL  redis://127.0.0.1:6379
     Kafka is librdkafka's in-process mock cluster.
+
+DIAGNOSTICS (environment):
+    OUTBOX_BENCH_TRACE DIR  each latency run writes every message's timings to
+                            DIR/latency-<wakeup>-<load>.csv (when its COMMIT began,
+                            how long it took, producer lag, latency)
 ";
 
 /// Every phase, in the order they run.

@@ -58,8 +58,9 @@ pub struct RelayConfig {
     /// How often an idle relay looks for work when nothing wakes it (default 1 s).
     pub poll_interval: Duration,
     /// How soon an idle relay looks again after a claim that found messages
-    /// (default 5 ms; at most `poll_interval`). Each look that finds nothing
-    /// doubles the wait, up to `poll_interval`. Without NOTIFY (MySQL,
+    /// (default 5 ms; at most `poll_interval`), counted from that claim's
+    /// start. Each look that finds nothing doubles the wait, up to
+    /// `poll_interval`. Without NOTIFY (MySQL,
     /// SQLite, or PostgreSQL without `notify` or `wake`), messages that keep
     /// coming are so relayed within milliseconds, and a relay whose work
     /// stopped is back at `poll_interval` after a few looks (about ten from
@@ -478,6 +479,11 @@ impl Relay {
         // after work (more is likely to follow), doubled by every empty
         // claim up to the poll interval.
         let mut idle_wait = self.config.min_poll_interval;
+        // When the last claim began: the wait counts from it, so that the
+        // claim, publish and settle do not add to it (at 1,000 msg/s without
+        // wakeups they took 3-4 ms, and the next look came 8-9 ms after the
+        // one before instead of 5).
+        let mut looked: Option<Instant> = None;
         let store_label = self.store.name().to_string();
         loop {
             let from = state.name();
@@ -487,7 +493,10 @@ impl Relay {
                         last_stats = Some(Instant::now());
                         self.record_stats(&store_label).await;
                     }
-                    let mut wait = idle_wait.min(self.config.poll_interval);
+                    let since = looked.map_or(Duration::ZERO, |t| t.elapsed());
+                    let mut wait = idle_wait
+                        .min(self.config.poll_interval)
+                        .saturating_sub(since);
                     if let Some(due) = next_retry {
                         wait = wait.min(due.saturating_duration_since(Instant::now()));
                     }
@@ -503,25 +512,28 @@ impl Relay {
                     state
                 }
                 State::Claiming if cancel.is_cancelled() => State::Stopping,
-                State::Claiming => match self.claim().await {
-                    Ok(claim) if claim.messages.is_empty() => {
-                        store_failures = 0;
-                        idle_wait = idle_wait.saturating_mul(2).min(self.config.poll_interval);
-                        State::Idle
-                    }
-                    Ok(claim) => {
-                        store_failures = 0;
-                        State::Publishing {
-                            claim,
-                            behind: None,
+                State::Claiming => {
+                    looked = Some(Instant::now());
+                    match self.claim().await {
+                        Ok(claim) if claim.messages.is_empty() => {
+                            store_failures = 0;
+                            idle_wait = idle_wait.saturating_mul(2).min(self.config.poll_interval);
+                            State::Idle
+                        }
+                        Ok(claim) => {
+                            store_failures = 0;
+                            State::Publishing {
+                                claim,
+                                behind: None,
+                            }
+                        }
+                        Err(e) => {
+                            store_failures += 1;
+                            self.store_error("claim", &e);
+                            State::BackingOff(self.config.store_retry.delay(store_failures))
                         }
                     }
-                    Err(e) => {
-                        store_failures += 1;
-                        self.store_error("claim", &e);
-                        State::BackingOff(self.config.store_retry.delay(store_failures))
-                    }
-                },
+                }
                 State::Publishing { claim, behind } => {
                     idle_wait = self.config.min_poll_interval;
                     let step = self.step(claim, behind, &cancel).await;

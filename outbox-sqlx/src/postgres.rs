@@ -53,6 +53,8 @@ use crate::{
 
 mod floor;
 
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 const ENGINE: &str = "postgres";
 
 fn err(operation: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
@@ -307,18 +309,55 @@ impl Outbox {
     /// entry is seen by that claim, and one whose `wake` reads after the
     /// entry finds it. Errors are the store's; a failed `wake` loses no
     /// message (the relay's poll finds it).
-    pub async fn wake<'c, E>(&self, executor: E) -> Result<()>
+    ///
+    /// Run on its own (not inside a transaction), the NOTIFY's commit does
+    /// not wait for the WAL flush: the business transaction is durable
+    /// already, and a NOTIFY lost in a crash only leaves the relay to its
+    /// poll. Waiting for the flush put every stall of the disk between the
+    /// commit and the relay's wakeup. Inside a transaction it changes none
+    /// of the transaction's settings.
+    ///
+    /// Takes the pool, a connection or a transaction. The future is boxed:
+    /// a generic `async fn` over `Acquire` could not be awaited inside
+    /// `tokio::spawn` (rustc cannot prove it `Send` for every lifetime).
+    pub fn wake<'c, A>(&'c self, conn: A) -> BoxFuture<'c, Result<()>>
     where
-        E: sqlx::PgExecutor<'c>,
+        A: sqlx::Acquire<'c, Database = sqlx::Postgres> + Send + 'c,
+    {
+        Box::pin(self.wake_on(conn))
+    }
+
+    async fn wake_on<'c, A>(&'c self, conn: A) -> Result<()>
+    where
+        A: sqlx::Acquire<'c, Database = sqlx::Postgres> + Send + 'c,
     {
         let t = self.table_name().qualified("");
-        sqlx::query(&format!(
-            "SELECT pg_notify($1, '') FROM {t}_waiting WHERE until > now() LIMIT 1"
+        let mut conn = conn.acquire().await.map_err(err("wake"))?;
+        // Read first, with a prepared statement: under load no relay waits,
+        // and this read is all a wake costs.
+        let waits: Option<i32> = sqlx::query_scalar(&format!(
+            "SELECT 1 FROM {t}_waiting WHERE until > now() LIMIT 1"
         ))
-        .bind(self.table_name().channel())
-        .execute(executor)
+        .fetch_optional(&mut *conn)
         .await
         .map_err(err("wake"))?;
+        if waits.is_none() {
+            return Ok(());
+        }
+        // One simple-protocol message: on its own it is one implicit
+        // transaction whose start is this statement's start, so
+        // `set_config(.., true)` (`SET LOCAL`) reaches only it. In a
+        // transaction begun earlier the two times differ and nothing is
+        // set. The channel name comes from a validated table name.
+        let notify = format!(
+            "SELECT set_config('synchronous_commit', 'off', true) \
+             WHERE statement_timestamp() = transaction_timestamp(); \
+             SELECT pg_notify('{}', '')",
+            self.table_name().channel()
+        );
+        sqlx::Executor::execute(&mut *conn, notify.as_str())
+            .await
+            .map_err(err("wake"))?;
         Ok(())
     }
 }
@@ -408,17 +447,18 @@ struct Inner {
 }
 
 /// This store's entry in `<table>_waiting`: present while one of its relays
-/// waits for work, so that `Outbox::wake` sends a NOTIFY only then.
+/// waits for work, so that `Outbox::wake` sends a NOTIFY only then. Its
+/// name is written into `Sql::announce` and `Sql::withdraw`.
 struct Waiting {
-    /// This store's name in the table.
-    id: String,
     /// True while the LISTEN connection is up: an entry is written only
     /// then (a NOTIFY sent while nobody listens is lost).
     listening: Arc<std::sync::atomic::AtomicBool>,
     /// Relays of this store inside `notified()` now.
     waiters: std::sync::atomic::AtomicUsize,
-    /// When the entry was last written; `None` when there is none.
-    written: std::sync::Mutex<Option<std::time::Instant>>,
+    /// When the entry was last written; `None` when there is none, or
+    /// when LISTEN (re)connected since (the server may have restarted and
+    /// lost an entry written without waiting for the flush).
+    written: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     /// Since when claims have kept returning messages.
     busy_since: std::sync::Mutex<Option<std::time::Instant>>,
 }
@@ -652,8 +692,21 @@ struct Sql {
 }
 
 impl Sql {
-    fn new(c: &StoreConfig) -> Self {
+    /// `waiter`: this store's entry name in `<table>_waiting` (digits, hex
+    /// and dashes, so it can be written into the statements).
+    fn new(c: &StoreConfig, waiter: &str) -> Self {
         let t = c.table.qualified("");
+        // The waiting entry is a hint: a lost one costs a NOTIFY or sends a
+        // spare one, so its writes never wait for the WAL flush. Waiting for
+        // it put every stall of the disk (fsyncs of 15-300 ms seen here)
+        // into the relay's path: `withdraw` runs inside a claim, `announce`
+        // before the relay sleeps. One simple-protocol round trip, run as
+        // one implicit transaction, so `SET LOCAL` covers it.
+        let hint = if c.async_commit {
+            "SET LOCAL synchronous_commit TO off; "
+        } else {
+            ""
+        };
         // Pending, written so that it does not match the partial index's
         // predicate: a settle then looks its rows up by primary key even
         // when the statistics say the table is empty (analyzed before a
@@ -747,11 +800,12 @@ impl Sql {
                 }
             ),
             announce: format!(
-                "INSERT INTO {t}_waiting (waiter, until) \
-                 VALUES ($1, now() + make_interval(secs => $2)) \
-                 ON CONFLICT (waiter) DO UPDATE SET until = EXCLUDED.until"
+                "{hint}INSERT INTO {t}_waiting (waiter, until) \
+                 VALUES ('{waiter}', now() + make_interval(secs => {ttl})) \
+                 ON CONFLICT (waiter) DO UPDATE SET until = EXCLUDED.until",
+                ttl = WAITING_TTL.as_secs()
             ),
-            withdraw: format!("DELETE FROM {t}_waiting WHERE waiter = $1"),
+            withdraw: format!("{hint}DELETE FROM {t}_waiting WHERE waiter = '{waiter}'"),
             claim: claim(&floor::filter(4)),
             claim_ahead: claim(&format!(
                 "AND NOT (t.id = ANY($4::uuid[])) {}",
@@ -823,17 +877,20 @@ impl PgStore {
     pub fn with_config(pool: PgPool, config: StoreConfig) -> Self {
         let wakeup = Arc::new(Notify::new());
         let listening = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let waiter = format!("{}-{}", std::process::id(), Uuid::now_v7());
+        let written = Arc::new(std::sync::Mutex::new(None));
         let listener = config.listen.then(|| {
             tokio::spawn(listen(
                 pool.clone(),
                 config.table.channel(),
                 Arc::downgrade(&wakeup),
                 listening.clone(),
+                written.clone(),
             ))
         });
         PgStore {
             inner: Arc::new(Inner {
-                sql: Sql::new(&config),
+                sql: Sql::new(&config, &waiter),
                 pool,
                 config,
                 owners: Owners::default(),
@@ -844,10 +901,9 @@ impl PgStore {
                 watching_close: std::sync::atomic::AtomicBool::new(false),
                 floor: floor::Floor::default(),
                 waiting: Waiting {
-                    id: format!("{}-{}", std::process::id(), Uuid::now_v7()),
                     listening,
                     waiters: std::sync::atomic::AtomicUsize::new(0),
-                    written: std::sync::Mutex::new(None),
+                    written,
                     busy_since: std::sync::Mutex::new(None),
                 },
             }),
@@ -1015,11 +1071,7 @@ impl PgStore {
     /// not (the relay then waits for its poll interval, as without it).
     async fn announce(&self) -> bool {
         let inner = &self.inner;
-        let written = sqlx::query(&inner.sql.announce)
-            .bind(&inner.waiting.id)
-            .bind(secs(WAITING_TTL))
-            .execute(&inner.pool)
-            .await;
+        let written = sqlx::Executor::execute(&inner.pool, inner.sql.announce.as_str()).await;
         match written {
             Ok(_) => {
                 *inner.lock_written() = Some(std::time::Instant::now());
@@ -1061,10 +1113,7 @@ impl PgStore {
         {
             return;
         }
-        let gone = sqlx::query(&inner.sql.withdraw)
-            .bind(&waiting.id)
-            .execute(&inner.pool)
-            .await;
+        let gone = sqlx::Executor::execute(&inner.pool, inner.sql.withdraw.as_str()).await;
         match gone {
             Ok(_) => {
                 *inner.lock_written() = None;
@@ -1136,6 +1185,7 @@ async fn listen(
     channel: String,
     wakeup: std::sync::Weak<Notify>,
     listening: Arc<std::sync::atomic::AtomicBool>,
+    written: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 ) {
     use std::sync::atomic::Ordering;
     let mut failures = 0u32;
@@ -1156,6 +1206,8 @@ async fn listen(
             continue;
         }
         failures = 0;
+        // Written again by the next wait: an entry from before may be gone.
+        *written.lock().unwrap_or_else(|p| p.into_inner()) = None;
         listening.store(true, Ordering::SeqCst);
         // A relay that began waiting before LISTEN was up wrote no waiting
         // entry: wake it, so that it claims and waits again with one.
@@ -1166,9 +1218,14 @@ async fn listen(
         loop {
             match listener.try_recv().await {
                 Ok(Some(_)) => {}
-                // The connection was lost: notifications may have been
-                // missed, so wake the relay, and reconnect on the next call.
-                Ok(None) => {}
+                // The connection was lost: LISTEN again on a new one here
+                // (not on sqlx's next call, which would not say when it is
+                // listening again), then wake the relay, which claims what
+                // notifications were missed and writes its entry again.
+                Ok(None) => {
+                    listening.store(false, Ordering::SeqCst);
+                    break;
+                }
                 Err(e) => {
                     listening.store(false, Ordering::SeqCst);
                     warn!(error = %e, "outbox LISTEN connection lost; reconnecting");

@@ -765,6 +765,115 @@ async fn wake_loses_no_wakeup_while_the_relay_goes_idle() {
     running.stop().await;
 }
 
+/// `Outbox::wake` on its own commits its NOTIFY without waiting for the WAL
+/// flush, and leaves the connection's settings as they were; inside a
+/// transaction (one that has written, and one that has not yet) it changes
+/// none of the transaction's settings, so the business commit still waits
+/// for the flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wake_changes_no_transaction_settings() {
+    let Some(pool) = pool(4).await else { return };
+    let (_store, outbox) = fresh(&pool, StoreConfig::default()).await;
+    let t = outbox.table_name().qualified("");
+    // A waiting entry, so that wake sends its NOTIFY.
+    sqlx::query(&format!(
+        "INSERT INTO {t}_waiting (waiter, until) VALUES ('test', now() + interval '1 minute')"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let setting = "SELECT current_setting('synchronous_commit')";
+    let mut conn = pool.acquire().await.unwrap();
+    let before: String = sqlx::query_scalar(setting)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(before, "on", "the server's default here");
+
+    for written_first in [true, false] {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+        let m = Message::builder("t.wake", "x").build().unwrap();
+        if written_first {
+            outbox.enqueue(&mut *tx, &m).await.unwrap();
+        }
+        outbox.wake(&mut *tx).await.unwrap();
+        if !written_first {
+            outbox.enqueue(&mut *tx, &m).await.unwrap();
+        }
+        let inside: String = sqlx::query_scalar(setting)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(
+            inside, "on",
+            "wake inside a transaction (written first: {written_first}) must not turn off \
+             the flush of its commit"
+        );
+        tx.commit().await.unwrap();
+    }
+
+    outbox.wake(&mut *conn).await.unwrap();
+    let after: String = sqlx::query_scalar(setting)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        after, "on",
+        "wake on its own sets nothing beyond its own commit"
+    );
+}
+
+/// A waiting relay whose LISTEN connection is cut LISTENs again and writes
+/// its waiting entry again at once, though it wrote one moments before: an
+/// entry written without waiting for the flush can be lost when the server
+/// restarts (simulated here by deleting it), and `wake` would then send
+/// nothing until the relay renewed it (20 s later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_writes_its_waiting_entry_again_after_listen_reconnects() {
+    use outbox_core::testing::ScriptedTransport;
+    use std::time::Duration;
+    let Some(pool) = pool(8).await else { return };
+    let (store, outbox) = fresh(&pool, StoreConfig::default()).await;
+    let t = outbox.table_name().qualified("");
+    let channel = outbox.table_name().channel();
+    let waiting = format!("SELECT count(*) FROM {t}_waiting WHERE until > now()");
+    let transport = ScriptedTransport::new();
+    let rec = transport.recorder().clone();
+    let relay = Relay::builder(Arc::new(store), Arc::new(transport))
+        .poll_interval(Duration::from_secs(3_600))
+        .build()
+        .unwrap();
+    let running = relay.spawn();
+    common::until_count(&pool, &waiting, 1, "the idle relay wrote no entry").await;
+
+    sqlx::query(&format!("DELETE FROM {t}_waiting"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let cut: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE query LIKE 'LISTEN%' AND query LIKE '%' || $1 || '%'",
+    )
+    .bind(&channel)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(cut, 1, "the store's LISTEN connection");
+    common::until_count(&pool, &waiting, 1, "no entry after LISTEN reconnected").await;
+
+    let mut tx = pool.begin().await.unwrap();
+    let m = Message::builder("t.wake", "x").build().unwrap();
+    outbox.enqueue(&mut *tx, &m).await.unwrap();
+    tx.commit().await.unwrap();
+    outbox.wake(&pool).await.unwrap();
+    assert_eq!(
+        rec.wait_for(1, Duration::from_secs(10)).await,
+        1,
+        "woken by wake's NOTIFY on the new LISTEN connection"
+    );
+    running.stop().await;
+}
+
 /// Each round enqueues one message, claims and settles it as delivered, for
 /// `rounds` rounds 20 ms apart (the claim floor steps after claims, at
 /// most every 200 ms) or until `done`.
