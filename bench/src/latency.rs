@@ -289,8 +289,10 @@ async fn measure(
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let (mut lat, mut with_commit, mut commits, mut lags) = (vec![], vec![], vec![], vec![]);
     let mut missing = 0;
-    // One line per message: when its COMMIT began (ms into the run), how
-    // long it took, how late the producer was, and its latency.
+    // With OUTBOX_BENCH_TRACE, one line per message: when its COMMIT began
+    // (ms into the run), how long it took, how late the producer was, and
+    // its latency.
+    let trace_dir = std::env::var(TRACE_ENV).ok();
     let mut trace = String::from("commit_at_ms,commit_ms,lag_ms,latency_ms\n");
     for p in &produced {
         if p.before_commit < warm {
@@ -306,15 +308,17 @@ async fn measure(
             Some(l) => lat.push(l),
             None => missing += 1,
         }
-        trace.push_str(&format!(
-            "{:.3},{:.3},{:.3},{:.3}\n",
-            ms(p.before_commit - start),
-            ms(p.committed - p.before_commit),
-            ms(p.lag),
-            latency.unwrap_or(-1.0)
-        ));
+        if trace_dir.is_some() {
+            trace.push_str(&format!(
+                "{:.3},{:.3},{:.3},{:.3}\n",
+                ms(p.before_commit - start),
+                ms(p.committed - p.before_commit),
+                ms(p.lag),
+                latency.unwrap_or(-1.0)
+            ));
+        }
     }
-    if let Ok(dir) = std::env::var(TRACE_ENV) {
+    if let Some(dir) = trace_dir {
         let file = format!("{dir}/latency-{}-{load}.csv", wakeup.name());
         if let Err(e) = std::fs::write(&file, trace) {
             eprintln!("  could not write {file}: {e}");

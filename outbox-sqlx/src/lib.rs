@@ -271,21 +271,42 @@ impl Owners {
             .rebalanced
             .is_none_or(|t| t.elapsed() >= rebalance_every(lease))
     }
-    /// Whether a claim ahead of `outstanding` may go now: only on top of
-    /// this owner's latest, unexpired claim, and not when a rebalance is due
-    /// (the relay settles first, so that partitions given up hold no
-    /// unsettled rows).
-    pub fn may_claim_ahead(
+    /// What a claim does before it reads: nothing more while the owner
+    /// holds an unsettled claim (`false`: the claim comes back empty), and
+    /// `rebalance` first when one is due.
+    pub async fn ready(
         &self,
         request: &outbox_core::ClaimRequest,
+        rebalance: impl std::future::Future<Output = Result<()>>,
+    ) -> Result<bool> {
+        let owner = request.owner.as_str();
+        if self.busy(owner) {
+            return Ok(false);
+        }
+        if self.rebalance_due(owner, request.lease) {
+            rebalance.await?;
+            self.update(owner, |s| s.rebalanced = Some(tokio::time::Instant::now()));
+        }
+        Ok(true)
+    }
+    /// The ids a claim ahead of `outstanding` must leave out (those its
+    /// outstanding claims handed out), or `None` when it may not go now:
+    /// only on top of this owner's latest, unexpired claim, and not when a
+    /// rebalance is due (the relay settles first, so that partitions given
+    /// up hold no unsettled rows).
+    pub fn ahead(
+        &self,
+        held: &Held,
+        request: &outbox_core::ClaimRequest,
         outstanding: &outbox_core::Lease,
-    ) -> bool {
+    ) -> Option<Vec<MessageId>> {
         let owner = request.owner.as_str();
         let latest = self.get(owner).outstanding.map(|(token, _)| token);
-        outstanding.owner == request.owner
+        let may = outstanding.owner == request.owner
             && latest == Some(outstanding.token.0)
             && self.busy(owner)
-            && !self.rebalance_due(owner, request.lease)
+            && !self.rebalance_due(owner, request.lease);
+        may.then(|| held.outstanding(owner))
     }
     /// Records a settle: clears the outstanding claim if it is this one.
     pub fn settled(&self, owner: &str, token: u64) {

@@ -518,14 +518,9 @@ impl Store for MySqlStore {
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Claim> {
-        let owner = request.owner.as_str();
-        let owners = &self.inner.owners;
-        if owners.busy(owner) {
+        let rebalance = self.rebalance(&request.owner, request.lease);
+        if !self.inner.owners.ready(request, rebalance).await? {
             return Ok(empty_claim(request));
-        }
-        if owners.rebalance_due(owner, request.lease) {
-            self.rebalance(&request.owner, request.lease).await?;
-            owners.update(owner, |s| s.rebalanced = Some(tokio::time::Instant::now()));
         }
         self.take(request, None).await
     }
@@ -535,11 +530,11 @@ impl Store for MySqlStore {
         request: &ClaimRequest,
         outstanding: &Lease,
     ) -> Result<Option<Claim>> {
-        if !self.inner.owners.may_claim_ahead(request, outstanding) {
-            return Ok(None);
+        let inner = &self.inner;
+        match inner.owners.ahead(&inner.held, request, outstanding) {
+            Some(exclude) => self.take(request, Some(exclude)).await.map(Some),
+            None => Ok(None),
         }
-        let exclude = self.inner.held.outstanding(request.owner.as_str());
-        self.take(request, Some(exclude)).await.map(Some)
     }
 
     async fn settle(&self, lease: &Lease, settlement: &Settlement) -> Result<SettleReport> {
