@@ -46,6 +46,13 @@ use crate::store::{
 };
 use crate::transport::{missing_result, Transport};
 
+/// How long after the last claim that found messages an idle relay keeps
+/// looking every `min_poll_interval` while the store reports incoming rows
+/// ([`Claim::incoming`]): long enough for the disk stalls seen on the
+/// benchmark machine (up to 0.3 s), short enough that a long transaction
+/// writing to the outbox costs a bounded number of looks (200 at 5 ms).
+const HURRY: Duration = Duration::from_secs(1);
+
 /// Relay settings. Build them with [`RelayBuilder`]; every field has a default.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
@@ -60,14 +67,19 @@ pub struct RelayConfig {
     /// How soon an idle relay looks again after a claim that found messages
     /// (default 5 ms; at most `poll_interval`), counted from that claim's
     /// start. Each look that finds nothing doubles the wait, up to
-    /// `poll_interval`. Without NOTIFY (MySQL,
-    /// SQLite, or PostgreSQL without `notify` or `wake`), messages that keep
-    /// coming are so relayed within milliseconds, and a relay whose work
-    /// stopped is back at `poll_interval` after a few looks (about ten from
-    /// 5 ms to 1 s). Each look is a claim (PostgreSQL: 0.5-0.7 ms of server
-    /// CPU when empty, on the 2-core benchmark machine): raise it to trade
-    /// latency for database load, or set it to `poll_interval` for a fixed
-    /// interval. Wakeups are not delayed by it.
+    /// `poll_interval`. Without NOTIFY (MySQL, SQLite, or PostgreSQL without
+    /// `notify` or `wake`), messages that keep coming are so relayed within
+    /// milliseconds, and a relay whose work stopped is back at
+    /// `poll_interval` after a few looks (about ten from 5 ms to 1 s). Each
+    /// look is a claim (PostgreSQL: 0.5-0.7 ms of server CPU when empty, on
+    /// the 2-core benchmark machine): raise it to trade latency for database
+    /// load, or set it to `poll_interval` for a fixed interval. Wakeups are
+    /// not delayed by it. While the store reports rows on their way
+    /// ([`Claim::incoming`]: PostgreSQL without LISTEN, when other
+    /// transactions hold uncommitted writes to the table), empty looks keep
+    /// the shortest wait for up to a second after the last claim that found
+    /// messages, so that commits held up together (by a disk stall, say) are
+    /// relayed as soon as they land, not a poll interval later.
     pub min_poll_interval: Duration,
     /// Failed attempts after which a transiently failing message is
     /// dead-lettered (default 10).
@@ -484,6 +496,11 @@ impl Relay {
         // wakeups they took 3-4 ms, and the next look came 8-9 ms after the
         // one before instead of 5).
         let mut looked: Option<Instant> = None;
+        // Until when empty claims that report incoming rows keep the wait
+        // short: `HURRY` after the last claim that found messages, so that
+        // a long transaction writing to the outbox costs a bounded number
+        // of short looks.
+        let mut hurry_until: Option<Instant> = None;
         let store_label = self.store.name().to_string();
         loop {
             let from = state.name();
@@ -517,7 +534,14 @@ impl Relay {
                     match self.claim().await {
                         Ok(claim) if claim.messages.is_empty() => {
                             store_failures = 0;
-                            idle_wait = idle_wait.saturating_mul(2).min(self.config.poll_interval);
+                            let hurry = hurry_until.is_some_and(|t| Instant::now() < t);
+                            idle_wait = if claim.incoming && hurry {
+                                // Rows on their way (commits held up by a
+                                // disk stall, say): look again soon.
+                                self.config.min_poll_interval
+                            } else {
+                                idle_wait.saturating_mul(2).min(self.config.poll_interval)
+                            };
                             State::Idle
                         }
                         Ok(claim) => {
@@ -536,6 +560,7 @@ impl Relay {
                 }
                 State::Publishing { claim, behind } => {
                     idle_wait = self.config.min_poll_interval;
+                    hurry_until = Some(Instant::now() + HURRY);
                     let step = self.step(claim, behind, &cancel).await;
                     let mut published = step.published;
                     let mut settled_behind = true;

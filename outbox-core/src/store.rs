@@ -91,6 +91,14 @@ pub struct Claim {
     pub lease: Lease,
     /// The messages, in the order they were enqueued (per key).
     pub messages: Vec<Message>,
+    /// On a claim that found nothing: other transactions are writing rows
+    /// this claim could not see yet (uncommitted, or waiting for their
+    /// commit to be flushed). A relay without wakeups then looks again after
+    /// its shortest wait instead of backing off (see
+    /// [`RelayConfig::min_poll_interval`](crate::RelayConfig::min_poll_interval)).
+    /// A hint: a store that cannot tell, or whose relays are woken by every
+    /// commit anyway, leaves it `false`.
+    pub incoming: bool,
 }
 
 /// A failed message to publish again later.

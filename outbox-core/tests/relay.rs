@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -521,8 +522,9 @@ async fn the_in_process_signal_wakes_an_idle_relay() {
 }
 
 /// A store without notifications that records when each claim ran and how
-/// many messages it returned.
-struct Looks(Arc<MemoryStore>, Mutex<Vec<(Instant, usize)>>);
+/// many messages it returned; its empty claims report rows on their way
+/// ([`outbox_core::Claim::incoming`]) while the flag is set.
+struct Looks(Arc<MemoryStore>, Mutex<Vec<(Instant, usize)>>, AtomicBool);
 
 impl Looks {
     fn since(&self, from: Instant) -> Vec<(Duration, usize)> {
@@ -575,9 +577,10 @@ impl Store for Looks {
         &self,
         r: &outbox_core::ClaimRequest,
     ) -> outbox_core::Result<outbox_core::Claim> {
-        let claim = self.0.claim(r).await?;
+        let mut claim = self.0.claim(r).await?;
         let n = claim.messages.len();
         self.1.lock().unwrap().push((Instant::now(), n));
+        claim.incoming = n == 0 && self.2.load(Ordering::SeqCst);
         Ok(claim)
     }
     async fn settle(
@@ -592,7 +595,7 @@ impl Store for Looks {
 #[tokio::test(start_paused = true)]
 async fn without_wakeups_a_relay_looks_again_soon_after_work_and_backs_off() {
     let mem = Arc::new(MemoryStore::new());
-    let looks = Arc::new(Looks(mem.clone(), Mutex::default()));
+    let looks = Arc::new(Looks(mem.clone(), Mutex::default(), AtomicBool::new(false)));
     let rec = RecordingTransport::new();
     let relay = Relay::builder(looks.clone(), Arc::new(rec.clone()))
         .poll_interval(Duration::from_secs(1))
@@ -635,6 +638,61 @@ async fn without_wakeups_a_relay_looks_again_soon_after_work_and_backs_off() {
     // The first gap starts after the last publish, within a look of it.
     let start = Instant::now();
     assert_backing_off(&looks.gaps(start, BACKING_OFF.len()).await, 1);
+    cancel.cancel();
+    run.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn rows_on_their_way_keep_the_waits_short_for_a_second_after_work() {
+    let mem = Arc::new(MemoryStore::new());
+    let looks = Arc::new(Looks(mem.clone(), Mutex::default(), AtomicBool::new(true)));
+    let rec = RecordingTransport::new();
+    let relay = Relay::builder(looks.clone(), Arc::new(rec.clone()))
+        .poll_interval(Duration::from_secs(1))
+        .min_poll_interval(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn({
+        let c = cancel.clone();
+        async move { relay.run(c).await }
+    });
+    // Before any work, rows reported on their way do not hurry the relay
+    // (a transaction that stays open would keep it looking).
+    let start = Instant::now();
+    assert_backing_off(&looks.gaps(start, BACKING_OFF.len()).await, 0);
+
+    // After a claim that found messages, they keep every wait at the
+    // shortest for a second, then it backs off as before.
+    mem.enqueue([msg(None)]).unwrap();
+    assert_eq!(rec.wait_for(1, Duration::from_secs(60)).await, 1);
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    let looks_after = looks.since(start);
+    let at = |d: &Duration| d.as_millis();
+    let hurried: Vec<u128> = looks_after
+        .iter()
+        .map(|(d, _)| at(d))
+        .filter(|ms| *ms < 990)
+        .collect();
+    assert!(
+        hurried.len() >= 95 && hurried.windows(2).all(|w| w[1] - w[0] <= 11),
+        "looks in the first second: {hurried:?}"
+    );
+    let later = looks_after.iter().filter(|(d, _)| at(d) >= 1_010).count();
+    assert!(
+        (3..=8).contains(&later),
+        "looks between 1 s and 3 s: {later}, want a back-off (20, 40, 80 ... ms)"
+    );
+
+    // Without them, the waits double at once (from the claim ahead that
+    // went with the publish).
+    looks.2.store(false, Ordering::SeqCst);
+    mem.enqueue([msg(None)]).unwrap();
+    assert_eq!(rec.wait_for(2, Duration::from_secs(60)).await, 2);
+    let start = Instant::now();
+    let gaps = looks.gaps(start, BACKING_OFF.len() + 1).await;
+    assert_backing_off(&gaps[1..], 0);
     cancel.cancel();
     run.await.unwrap();
 }

@@ -423,6 +423,7 @@ pub(crate) fn empty_claim(request: &outbox_core::ClaimRequest) -> outbox_core::C
             expires_at: std::time::SystemTime::now(),
         },
         messages: Vec::new(),
+        incoming: false,
     }
 }
 

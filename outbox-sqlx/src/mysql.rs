@@ -466,6 +466,9 @@ impl MySqlStore {
                 expires_at: SystemTime::from(now.and_utc()) + request.lease,
             },
             messages,
+            // Which tables other transactions are writing is not cheap to
+            // read here (MariaDB lists only waited-for locks).
+            incoming: false,
         })
     }
 

@@ -337,6 +337,7 @@ impl Store for SqliteStore {
                 expires_at: from_micros(until),
             },
             messages: messages.into_iter().map(|(_, m)| m).collect(),
+            incoming: false,
         })
     }
 

@@ -1218,6 +1218,30 @@ async fn enqueue_with_writes_the_row_in_the_business_statement() {
         assert_eq!(r.rows_affected(), 0);
         assert_eq!(count(&pool, &outbox).await, before + 1);
 
+        // A statement with a WITH clause of its own (the outbox's parts go
+        // first in it), also a recursive one.
+        let with = format!(
+            "  WITH o AS (SELECT $1::bigint AS id, $2::int AS total) \
+             INSERT INTO {schema}.orders SELECT id, total FROM o"
+        );
+        let recursive = format!(
+            "with\trecursive n(i) AS (SELECT $1::bigint UNION ALL SELECT i + 1 FROM n \
+             WHERE i < $1 + 2) INSERT INTO {schema}.orders SELECT i, $2 FROM n"
+        );
+        for (statement, id, rows) in [(&with, 20_i64, 1), (&recursive, 30, 3)] {
+            let before = (count(&pool, &outbox).await, order_count(pool.clone()).await);
+            let r = outbox
+                .enqueue_with(&mut conn, &event(id), statement, order_args(id, 7))
+                .await
+                .unwrap();
+            assert_eq!(r.rows_affected(), rows, "{statement}");
+            assert_eq!(
+                (count(&pool, &outbox).await, order_count(pool.clone()).await),
+                (before.0 + 1, before.1 + rows as i64),
+                "{statement}"
+            );
+        }
+
         // With NOTIFY, a listener hears each shape (plain, delayed keyed).
         if notify {
             let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
@@ -1244,4 +1268,62 @@ async fn enqueue_with_writes_the_row_in_the_business_statement() {
         }
         drop(store);
     }
+}
+
+/// A claim that finds nothing says whether other transactions are writing
+/// to the table (`Claim::incoming`: rows on their way, so a relay without
+/// wakeups looks again soon instead of backing off), and only to this one.
+#[tokio::test]
+async fn an_empty_claim_says_whether_rows_are_on_their_way() {
+    use outbox_core::Store;
+    let Some(pool) = pool(5).await else { return };
+    let (store, outbox) = fresh(&pool, StoreConfig::default().listen(false)).await;
+    let (_, other) = fresh(&pool, StoreConfig::default().listen(false)).await;
+    let request = floor_request();
+    let claim = store.claim(&request).await.unwrap();
+    assert!(
+        claim.messages.is_empty() && !claim.incoming,
+        "nothing writes"
+    );
+
+    // A transaction writing to another outbox table does not count.
+    let mut elsewhere = pool.begin().await.unwrap();
+    let m = Message::builder("orders.placed", "k").build().unwrap();
+    other.enqueue(&mut *elsewhere, &m).await.unwrap();
+    let claim = store.claim(&request).await.unwrap();
+    assert!(
+        claim.messages.is_empty() && !claim.incoming,
+        "another table"
+    );
+
+    // One writing to this table does, until it commits or rolls back.
+    let mut open = pool.begin().await.unwrap();
+    let m = Message::builder("orders.placed", "k").build().unwrap();
+    outbox.enqueue(&mut *open, &m).await.unwrap();
+    let claim = store.claim(&request).await.unwrap();
+    assert!(claim.messages.is_empty(), "an uncommitted row was claimed");
+    assert!(claim.incoming, "an open writer was not reported");
+    open.commit().await.unwrap();
+    let claim = store.claim(&request).await.unwrap();
+    assert_eq!(claim.messages.len(), 1);
+    assert!(
+        !claim.incoming,
+        "a claim that found messages reports nothing"
+    );
+    store
+        .settle(&claim.lease, &delivered(&claim))
+        .await
+        .unwrap();
+
+    let mut open = pool.begin().await.unwrap();
+    let m = Message::builder("orders.placed", "k").build().unwrap();
+    outbox.enqueue(&mut *open, &m).await.unwrap();
+    assert!(store.claim(&request).await.unwrap().incoming);
+    open.rollback().await.unwrap();
+    elsewhere.rollback().await.unwrap();
+    let claim = store.claim(&request).await.unwrap();
+    assert!(
+        claim.messages.is_empty() && !claim.incoming,
+        "after rollback"
+    );
 }

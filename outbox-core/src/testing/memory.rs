@@ -172,6 +172,7 @@ impl MemoryStore {
                 expires_at,
             },
             messages,
+            incoming: false,
         }
     }
 

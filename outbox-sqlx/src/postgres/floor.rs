@@ -132,7 +132,9 @@ pub(super) struct FloorSql {
     flushed: String,
 }
 
-const HOLDERS: &str = "locktype = 'relation' \
+/// The rows of `pg_locks` that mean a transaction writes to a table (every
+/// insert takes this lock first, and holds it to the end of its commit).
+pub(super) const HOLDERS: &str = "locktype = 'relation' \
      AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
      AND mode = 'RowExclusiveLock'";
 
