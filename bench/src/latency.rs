@@ -24,12 +24,75 @@ pub const POLL: Duration = Duration::from_millis(100);
 const LONG_POLL: Duration = Duration::from_secs(10);
 /// A directory: each run writes every message's timings there as CSV.
 pub const TRACE_ENV: &str = "OUTBOX_BENCH_TRACE";
+/// A directory on the database's disk: each run writes and flushes files
+/// there in bursts, which stalls the database's WAL flushes (see
+/// [`DiskPressure`]).
+pub const PRESSURE_ENV: &str = "OUTBOX_BENCH_DISK_PRESSURE";
+
+/// Disk pressure in bursts while it lives: 256 MiB written and flushed
+/// (`fdatasync`), the file removed, 1.5 s of rest, again. On the benchmark
+/// machine it held commits for 30-50 ms at p99 (about 1 ms without): the
+/// disk stalls some machines have of their own, on demand.
+struct DiskPressure {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DiskPressure {
+    fn start(dir: &str) -> Self {
+        use std::io::Write;
+        use std::sync::atomic::Ordering;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let path =
+            std::path::Path::new(dir).join(format!("outbox-bench-pressure-{}", std::process::id()));
+        let thread = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let chunk = vec![0x5a_u8; 1 << 20];
+                while !stop.load(Ordering::SeqCst) {
+                    let burst = std::fs::File::create(&path).and_then(|mut f| {
+                        for _ in 0..256 {
+                            f.write_all(&chunk)?;
+                        }
+                        f.sync_data()
+                    });
+                    let _ = std::fs::remove_file(&path);
+                    if let Err(e) = burst {
+                        eprintln!("  disk pressure stopped: {}: {e}", path.display());
+                        return;
+                    }
+                    for _ in 0..30 {
+                        if stop.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            }
+        });
+        DiskPressure {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for DiskPressure {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
 
 /// One latency run.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct LatencyRun {
     /// `notify`, `wake`, `polling` or `polling-fixed`.
     pub mode: String,
+    /// Whether the run had disk pressure ([`PRESSURE_ENV`]).
+    pub disk_pressure: bool,
     /// The relay's poll interval (ms).
     pub poll_interval_ms: u64,
     /// The relay's shortest poll wait, after a claim that found messages (ms).
@@ -128,10 +191,16 @@ pub async fn run(ctx: &Ctx, wakeup: Wakeup, load: u32) -> BoxResult<LatencyRun> 
         .db
         .outbox(&format!("lat_{}_{load}", mode.replace('-', "_")))
         .await?;
+    let pressure = std::env::var(PRESSURE_ENV)
+        .ok()
+        .map(|d| DiskPressure::start(&d));
     let result = measure(ctx, wakeup, load, &table).await;
+    let disk_pressure = pressure.is_some();
+    drop(pressure);
     ctx.db.drop(&table.schema).await;
     result.map(|mut r| {
         r.mode = mode.to_string();
+        r.disk_pressure = disk_pressure;
         r
     })
 }
@@ -329,6 +398,7 @@ async fn measure(
     }
     Ok(LatencyRun {
         mode: String::new(),
+        disk_pressure: false,
         poll_interval_ms: u64::try_from(poll.as_millis()).unwrap_or(u64::MAX),
         min_poll_interval_ms: u64::try_from(min_poll.as_millis()).unwrap_or(u64::MAX),
         offered_per_s: load,

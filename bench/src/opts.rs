@@ -45,6 +45,9 @@ DIAGNOSTICS (environment):
     OUTBOX_BENCH_TRACE DIR  each latency run writes every message's timings to
                             DIR/latency-<wakeup>-<load>.csv (when its COMMIT began,
                             how long it took, producer lag, latency)
+    OUTBOX_BENCH_DISK_PRESSURE DIR  during each latency run, write and flush 256 MiB
+                            in DIR every 1.5 s (DIR on the database's disk: its
+                            commits then stall as on a machine with a slow disk)
 ";
 
 /// Every phase, in the order they run.

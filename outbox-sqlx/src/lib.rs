@@ -330,12 +330,21 @@ pub(crate) struct Held {
     inner: std::sync::Mutex<std::collections::HashMap<String, HeldClaims>>,
 }
 
-/// An owner's outstanding claims: token and the ids each handed out.
+/// An owner's outstanding claims.
 #[cfg(any(feature = "postgres", feature = "mysql"))]
-type HeldClaims = Vec<(
-    u64,
-    std::sync::Arc<std::collections::HashSet<outbox_core::MessageId>>,
-)>;
+type HeldClaims = Vec<HeldClaim>;
+
+/// One outstanding claim.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+struct HeldClaim {
+    /// The claim's token (its lease's `FencingToken`).
+    token: u64,
+    /// The lowest stamp on the partitions it read from: its settle is
+    /// fenced by it.
+    stamp: u64,
+    /// The ids it handed out.
+    ids: std::sync::Arc<std::collections::HashSet<outbox_core::MessageId>>,
+}
 
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 impl Held {
@@ -349,6 +358,7 @@ impl Held {
         &self,
         owner: &str,
         token: u64,
+        stamp: u64,
         ids: std::collections::HashSet<outbox_core::MessageId>,
         ahead: bool,
     ) {
@@ -357,15 +367,28 @@ impl Held {
         if !ahead {
             claims.clear();
         }
-        claims.push((token, std::sync::Arc::new(ids)));
+        claims.push(HeldClaim {
+            token,
+            stamp,
+            ids: std::sync::Arc::new(ids),
+        });
     }
 
     /// Every id `owner`'s outstanding claims handed out.
     pub fn outstanding(&self, owner: &str) -> Vec<outbox_core::MessageId> {
         self.lock()
             .get(owner)
-            .map(|c| c.iter().flat_map(|(_, ids)| ids.iter().copied()).collect())
+            .map(|c| c.iter().flat_map(|h| h.ids.iter().copied()).collect())
             .unwrap_or_default()
+    }
+
+    /// The stamp the claim `token` of `owner` saw (see [`HeldClaim`]).
+    #[cfg(feature = "postgres")]
+    pub fn stamp(&self, owner: &str, token: u64) -> Option<u64> {
+        self.lock()
+            .get(owner)
+            .and_then(|c| c.iter().find(|h| h.token == token))
+            .map(|h| h.stamp)
     }
 
     /// `settlement` without ids named twice and without ids the claim
@@ -379,8 +402,8 @@ impl Held {
         let held = self
             .lock()
             .get(owner)
-            .and_then(|c| c.iter().find(|(t, _)| *t == token))
-            .map(|(_, ids)| ids.clone())
+            .and_then(|c| c.iter().find(|h| h.token == token))
+            .map(|h| h.ids.clone())
             .unwrap_or_default();
         let mut s = dedupe(settlement);
         s.delivered.retain(|id| held.contains(id));
@@ -398,7 +421,7 @@ impl Held {
     /// Forgets a settled claim.
     pub fn release(&self, owner: &str, token: u64) {
         if let Some(c) = self.lock().get_mut(owner) {
-            c.retain(|(t, _)| *t != token);
+            c.retain(|h| h.token != token);
         }
     }
 }

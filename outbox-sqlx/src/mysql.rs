@@ -457,7 +457,10 @@ impl MySqlStore {
                 s.outstanding = Some((token, started + request.lease))
             });
             let ids = messages.iter().map(|m| m.id).collect();
-            self.inner.held.hold(owner, token, ids, exclude.is_some());
+            // Every claim stamps its token here: the stamp is the token.
+            self.inner
+                .held
+                .hold(owner, token, token, ids, exclude.is_some());
         }
         Ok(Claim {
             lease: Lease {

@@ -447,8 +447,13 @@ async fn two_kept(
         .await
         .unwrap()
         .expect(refused);
-    // Both take a connection before either commits: the claim ahead
-    // waits on a lock of the partitions until the settle is done.
+    // Both take a connection before either commits: the claim ahead waits
+    // on a lock of the partitions until the settle is done (it renews their
+    // leases, as it asks for a lease over twice as long as they have left).
+    let renewing = ClaimRequest {
+        lease: std::time::Duration::from_secs(120),
+        ..request.clone()
+    };
     let table = store.config().table.to_string();
     let mut blocker = pool.begin().await.unwrap();
     sqlx::query(&format!("SELECT 1 FROM {table}_partitions FOR UPDATE"))
@@ -456,7 +461,7 @@ async fn two_kept(
         .await
         .unwrap();
     let claim = tokio::spawn({
-        let (store, request, lease) = (store.clone(), request.clone(), b.lease.clone());
+        let (store, request, lease) = (store.clone(), renewing, b.lease.clone());
         async move { store.claim_ahead(&request, &lease).await }
     });
     let waiting = format!(
@@ -626,16 +631,34 @@ async fn wake_reaches_a_waiting_relay_and_sends_nothing_otherwise() {
         "SELECT count(*) FROM {}_waiting WHERE until > now()",
         outbox.table_name().qualified("")
     );
-    // Idle: an entry is there, and the relay has claimed since writing it
-    // (the claim it makes before it waits). A claim stamps its partitions
-    // `lease_until = now() + lease` (30 s here), the entry `until = now() +
-    // 60 s`: comparing the two start times orders them.
+    // Idle: an entry is there, and the relay has made the claim it makes
+    // after writing it, before it waits: every claim draws a token, and
+    // none was drawn for 300 ms.
     let idle = format!(
-        "SELECT count(*) FROM {t}_waiting w WHERE w.until > now() \
-           AND (SELECT max(lease_until) FROM {t}_partitions) - interval '30 s' \
-               > w.until - interval '60 s'",
+        "SELECT (SELECT count(*) FROM {t}_waiting WHERE until > now()), \
+           (SELECT last_value FROM {t}_token)",
         t = outbox.table_name().qualified("")
     );
+    let until_idle = |pool: sqlx::PgPool, what: &'static str| {
+        let idle = idle.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let read = || async {
+                sqlx::query_as::<_, (i64, i64)>(&idle)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            };
+            loop {
+                let (entries, token) = read().await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                if entries > 0 && read().await == (entries, token) {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "{what}");
+            }
+        }
+    };
     let entries = |pool: sqlx::PgPool, sql: String| async move {
         sqlx::query_scalar::<_, i64>(&sql)
             .fetch_one(&pool)
@@ -680,7 +703,7 @@ async fn wake_reaches_a_waiting_relay_and_sends_nothing_otherwise() {
     let running = relay.spawn();
     assert_eq!(rec.wait_for(1, Duration::from_secs(10)).await, 1);
     // Only a NOTIFY can deliver what is committed from now on.
-    common::until_count(&pool, &idle, 1, "the idle relay wrote no entry").await;
+    until_idle(pool.clone(), "the idle relay wrote no entry").await;
     commit(vec![msg()]).await;
     assert_eq!(
         rec.wait_for(2, Duration::from_secs(10)).await,
@@ -699,7 +722,7 @@ async fn wake_reaches_a_waiting_relay_and_sends_nothing_otherwise() {
     assert!(withdrawn, "a busy relay withdraws its entry");
     assert_eq!(rec.wait_for(5_002, Duration::from_secs(20)).await, 5_002);
     // Idle again: the entry is back and wake still reaches the relay.
-    common::until_count(&pool, &idle, 1, "no entry once idle again").await;
+    until_idle(pool.clone(), "no entry once idle again").await;
     commit(vec![msg()]).await;
     assert_eq!(rec.wait_for(5_003, Duration::from_secs(10)).await, 5_003);
     running.stop().await;
@@ -1325,5 +1348,131 @@ async fn an_empty_claim_says_whether_rows_are_on_their_way() {
     assert!(
         claim.messages.is_empty() && !claim.incoming,
         "after rollback"
+    );
+}
+
+/// The owner's partition leases and stamps: `(min lease_until, max
+/// lease_until, max claim_token)`.
+async fn partition_leases(
+    pool: &sqlx::PgPool,
+    outbox: &Outbox,
+    owner: &str,
+) -> (Option<String>, Option<String>, Option<i64>) {
+    sqlx::query_as(&format!(
+        "SELECT min(lease_until)::text, max(lease_until)::text, max(claim_token) \
+         FROM {}_partitions WHERE owner = $1",
+        outbox.table_name()
+    ))
+    .bind(owner)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+fn lease_request(owner: &str, secs: u64) -> outbox_core::ClaimRequest {
+    outbox_core::ClaimRequest {
+        owner: outbox_core::RelayId::new(owner),
+        limit: 100,
+        lease: std::time::Duration::from_secs(secs),
+    }
+}
+
+/// Claims write the partitions table only to renew leases that are half
+/// spent: while a long transaction holds back the cleanup of dead rows (a
+/// report, a dump), a table rewritten by every claim grew with every claim,
+/// and every claim's time with it.
+#[tokio::test]
+async fn claims_leave_partition_leases_alone_until_half_spent() {
+    use outbox_core::Store;
+    let Some(pool) = pool(5).await else { return };
+    let (store, outbox) = fresh(&pool, StoreConfig::default().listen(false)).await;
+    let partitions = format!("{}_partitions", outbox.table_name());
+    // A snapshot held open the whole time: no dead row can be removed.
+    let mut report = pool.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *report)
+        .await
+        .unwrap();
+    sqlx::query(&format!("SELECT count(*) FROM {partitions}"))
+        .execute(&mut *report)
+        .await
+        .unwrap();
+
+    let request = lease_request("still", 60);
+    assert!(store.claim(&request).await.unwrap().messages.is_empty());
+    let taken = partition_leases(&pool, &outbox, "still").await;
+    assert!(taken.0.is_some(), "no partition taken");
+    for round in 0..300 {
+        if round % 30 == 0 {
+            let m = Message::builder("orders.placed", "x")
+                .key("k")
+                .build()
+                .unwrap();
+            let mut conn = pool.acquire().await.unwrap();
+            outbox.enqueue(&mut *conn, &m).await.unwrap();
+            let claim = store.claim(&request).await.unwrap();
+            assert_eq!(claim.messages.len(), 1, "round {round}");
+            let settled = store
+                .settle(&claim.lease, &delivered(&claim))
+                .await
+                .unwrap();
+            assert_eq!(
+                settled.delivered, 1,
+                "round {round}: the settle was fenced off"
+            );
+        } else {
+            assert!(store.claim(&request).await.unwrap().messages.is_empty());
+        }
+    }
+    assert_eq!(partition_leases(&pool, &outbox, "still").await, taken);
+    let bytes: i64 = sqlx::query_scalar(&format!("SELECT pg_relation_size('{partitions}')"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(
+        bytes <= 4 * 8192,
+        "the partitions table grew to {bytes} bytes in 300 claims"
+    );
+    report.rollback().await.unwrap();
+}
+
+/// Once half of a lease is spent, the next claim (here a claim ahead)
+/// renews the leases and stamps its token; the settle of the claim before
+/// it, which saw the older stamp, still goes through.
+#[tokio::test]
+async fn a_claim_renews_half_spent_leases_and_the_claim_before_still_settles() {
+    use outbox_core::Store;
+    let Some(pool) = pool(5).await else { return };
+    let (store, outbox) = fresh(&pool, StoreConfig::default().listen(false)).await;
+    // A 6 s lease: renewed by claims 3 s after it was taken; rebalanced
+    // every second, and a claim ahead waits for none.
+    let request = lease_request("renew", 6);
+    assert!(store.claim(&request).await.unwrap().messages.is_empty());
+    let taken = partition_leases(&pool, &outbox, "renew").await;
+    tokio::time::sleep(std::time::Duration::from_millis(2_300)).await;
+    let m = Message::builder("orders.placed", "y")
+        .key("k")
+        .build()
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    outbox.enqueue(&mut *conn, &m).await.unwrap();
+    let before = store.claim(&request).await.unwrap();
+    assert_eq!(before.messages.len(), 1);
+    assert_eq!(partition_leases(&pool, &outbox, "renew").await, taken);
+
+    tokio::time::sleep(std::time::Duration::from_millis(900)).await;
+    let ahead = store.claim_ahead(&request, &before.lease).await.unwrap();
+    let ahead = ahead.expect("the claim ahead was refused");
+    assert!(ahead.messages.is_empty());
+    let renewed = partition_leases(&pool, &outbox, "renew").await;
+    assert!(renewed.0 > taken.1, "not renewed: {taken:?} -> {renewed:?}");
+    assert_eq!(renewed.2, i64::try_from(ahead.lease.token.0).ok());
+    let settled = store
+        .settle(&before.lease, &delivered(&before))
+        .await
+        .unwrap();
+    assert_eq!(
+        settled.delivered, 1,
+        "a settle after a renewal was fenced off"
     );
 }
