@@ -592,10 +592,24 @@ impl Store for Looks {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn without_wakeups_a_relay_looks_again_soon_after_work_and_backs_off() {
+/// A relay with a 10 ms shortest wait and a 1 s interval on a [`Looks`]
+/// store whose empty claims report rows on their way when `incoming`.
+#[allow(clippy::type_complexity)]
+fn run_looks(
+    incoming: bool,
+) -> (
+    Arc<MemoryStore>,
+    Arc<Looks>,
+    RecordingTransport,
+    CancellationToken,
+    tokio::task::JoinHandle<outbox_core::RelayReport>,
+) {
     let mem = Arc::new(MemoryStore::new());
-    let looks = Arc::new(Looks(mem.clone(), Mutex::default(), AtomicBool::new(false)));
+    let looks = Arc::new(Looks(
+        mem.clone(),
+        Mutex::default(),
+        AtomicBool::new(incoming),
+    ));
     let rec = RecordingTransport::new();
     let relay = Relay::builder(looks.clone(), Arc::new(rec.clone()))
         .poll_interval(Duration::from_secs(1))
@@ -607,6 +621,12 @@ async fn without_wakeups_a_relay_looks_again_soon_after_work_and_backs_off() {
         let c = cancel.clone();
         async move { relay.run(c).await }
     });
+    (mem, looks, rec, cancel, run)
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_wakeups_a_relay_looks_again_soon_after_work_and_backs_off() {
+    let (mem, looks, rec, cancel, run) = run_looks(false);
     // Idle, the relay is back at the poll interval after a few looks.
     let start = Instant::now();
     assert_backing_off(&looks.gaps(start, BACKING_OFF.len()).await, 0);
@@ -644,19 +664,7 @@ async fn without_wakeups_a_relay_looks_again_soon_after_work_and_backs_off() {
 
 #[tokio::test(start_paused = true)]
 async fn rows_on_their_way_keep_the_waits_short_for_a_second_after_work() {
-    let mem = Arc::new(MemoryStore::new());
-    let looks = Arc::new(Looks(mem.clone(), Mutex::default(), AtomicBool::new(true)));
-    let rec = RecordingTransport::new();
-    let relay = Relay::builder(looks.clone(), Arc::new(rec.clone()))
-        .poll_interval(Duration::from_secs(1))
-        .min_poll_interval(Duration::from_millis(10))
-        .build()
-        .unwrap();
-    let cancel = CancellationToken::new();
-    let run = tokio::spawn({
-        let c = cancel.clone();
-        async move { relay.run(c).await }
-    });
+    let (mem, looks, rec, cancel, run) = run_looks(true);
     // Before any work, rows reported on their way do not hurry the relay
     // (a transaction that stays open would keep it looking).
     let start = Instant::now();

@@ -1293,6 +1293,17 @@ async fn enqueue_with_writes_the_row_in_the_business_statement() {
     }
 }
 
+/// A transaction that has enqueued one message and is still open.
+async fn open_writer(
+    pool: &sqlx::PgPool,
+    outbox: &Outbox,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = pool.begin().await.unwrap();
+    let m = Message::builder("orders.placed", "k").build().unwrap();
+    outbox.enqueue(&mut *tx, &m).await.unwrap();
+    tx
+}
+
 /// A claim that finds nothing says whether other transactions are writing
 /// to the table (`Claim::incoming`: rows on their way, so a relay without
 /// wakeups looks again soon instead of backing off), and only to this one.
@@ -1303,29 +1314,21 @@ async fn an_empty_claim_says_whether_rows_are_on_their_way() {
     let (store, outbox) = fresh(&pool, StoreConfig::default().listen(false)).await;
     let (_, other) = fresh(&pool, StoreConfig::default().listen(false)).await;
     let request = floor_request();
-    let claim = store.claim(&request).await.unwrap();
-    assert!(
-        claim.messages.is_empty() && !claim.incoming,
-        "nothing writes"
-    );
-
+    let empty = |incoming: bool, what: &'static str| {
+        let (store, request) = (store.clone(), request.clone());
+        async move {
+            let claim = store.claim(&request).await.unwrap();
+            assert!(claim.messages.is_empty(), "{what}: claimed");
+            assert_eq!(claim.incoming, incoming, "{what}");
+        }
+    };
+    empty(false, "nothing writes").await;
     // A transaction writing to another outbox table does not count.
-    let mut elsewhere = pool.begin().await.unwrap();
-    let m = Message::builder("orders.placed", "k").build().unwrap();
-    other.enqueue(&mut *elsewhere, &m).await.unwrap();
-    let claim = store.claim(&request).await.unwrap();
-    assert!(
-        claim.messages.is_empty() && !claim.incoming,
-        "another table"
-    );
-
+    let elsewhere = open_writer(&pool, &other).await;
+    empty(false, "another table").await;
     // One writing to this table does, until it commits or rolls back.
-    let mut open = pool.begin().await.unwrap();
-    let m = Message::builder("orders.placed", "k").build().unwrap();
-    outbox.enqueue(&mut *open, &m).await.unwrap();
-    let claim = store.claim(&request).await.unwrap();
-    assert!(claim.messages.is_empty(), "an uncommitted row was claimed");
-    assert!(claim.incoming, "an open writer was not reported");
+    let open = open_writer(&pool, &outbox).await;
+    empty(true, "an open writer").await;
     open.commit().await.unwrap();
     let claim = store.claim(&request).await.unwrap();
     assert_eq!(claim.messages.len(), 1);
@@ -1337,18 +1340,11 @@ async fn an_empty_claim_says_whether_rows_are_on_their_way() {
         .settle(&claim.lease, &delivered(&claim))
         .await
         .unwrap();
-
-    let mut open = pool.begin().await.unwrap();
-    let m = Message::builder("orders.placed", "k").build().unwrap();
-    outbox.enqueue(&mut *open, &m).await.unwrap();
-    assert!(store.claim(&request).await.unwrap().incoming);
+    let open = open_writer(&pool, &outbox).await;
+    empty(true, "an open writer again").await;
     open.rollback().await.unwrap();
     elsewhere.rollback().await.unwrap();
-    let claim = store.claim(&request).await.unwrap();
-    assert!(
-        claim.messages.is_empty() && !claim.incoming,
-        "after rollback"
-    );
+    empty(false, "after rollback").await;
 }
 
 /// The owner's partition leases and stamps: `(min lease_until, max
