@@ -29,6 +29,24 @@ pub const TRACE_ENV: &str = "OUTBOX_BENCH_TRACE";
 /// [`DiskPressure`]).
 pub const PRESSURE_ENV: &str = "OUTBOX_BENCH_DISK_PRESSURE";
 
+/// Set (to anything): each run holds a REPEATABLE READ snapshot open on a
+/// connection of its own, as a long report or `pg_dump` would, so that no
+/// dead row on the database can be removed meanwhile.
+pub const SNAPSHOT_ENV: &str = "OUTBOX_BENCH_HOLD_SNAPSHOT";
+
+/// A snapshot held open while it lives (see [`SNAPSHOT_ENV`]).
+async fn hold_snapshot(ctx: &Ctx) -> BoxResult<sqlx::Transaction<'static, sqlx::Postgres>> {
+    let pool = ctx.db.pool("outbox-bench-lat-snapshot", 1).await?;
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SELECT count(*) FROM pg_class")
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
 /// Disk pressure in bursts while it lives: 256 MiB written and flushed
 /// (`fdatasync`), the file removed, 1.5 s of rest, again. On the benchmark
 /// machine it held commits for 30-50 ms at p99 (about 1 ms without): the
@@ -93,6 +111,8 @@ pub struct LatencyRun {
     pub mode: String,
     /// Whether the run had disk pressure ([`PRESSURE_ENV`]).
     pub disk_pressure: bool,
+    /// Whether a snapshot was held open through the run ([`SNAPSHOT_ENV`]).
+    pub snapshot_held: bool,
     /// The relay's poll interval (ms).
     pub poll_interval_ms: u64,
     /// The relay's shortest poll wait, after a claim that found messages (ms).
@@ -194,13 +214,22 @@ pub async fn run(ctx: &Ctx, wakeup: Wakeup, load: u32) -> BoxResult<LatencyRun> 
     let pressure = std::env::var(PRESSURE_ENV)
         .ok()
         .map(|d| DiskPressure::start(&d));
+    let snapshot = match std::env::var_os(SNAPSHOT_ENV) {
+        Some(_) => Some(hold_snapshot(ctx).await?),
+        None => None,
+    };
     let result = measure(ctx, wakeup, load, &table).await;
     let disk_pressure = pressure.is_some();
+    let snapshot_held = snapshot.is_some();
     drop(pressure);
+    if let Some(tx) = snapshot {
+        tx.rollback().await?;
+    }
     ctx.db.drop(&table.schema).await;
     result.map(|mut r| {
         r.mode = mode.to_string();
         r.disk_pressure = disk_pressure;
+        r.snapshot_held = snapshot_held;
         r
     })
 }
@@ -399,6 +428,7 @@ async fn measure(
     Ok(LatencyRun {
         mode: String::new(),
         disk_pressure: false,
+        snapshot_held: false,
         poll_interval_ms: u64::try_from(poll.as_millis()).unwrap_or(u64::MAX),
         min_poll_interval_ms: u64::try_from(min_poll.as_millis()).unwrap_or(u64::MAX),
         offered_per_s: load,

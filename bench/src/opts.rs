@@ -48,6 +48,8 @@ DIAGNOSTICS (environment):
     OUTBOX_BENCH_DISK_PRESSURE DIR  during each latency run, write and flush 256 MiB
                             in DIR every 1.5 s (DIR on the database's disk: its
                             commits then stall as on a machine with a slow disk)
+    OUTBOX_BENCH_HOLD_SNAPSHOT 1    hold a REPEATABLE READ snapshot open through each
+                            latency run (as a long report or pg_dump would)
 ";
 
 /// Every phase, in the order they run.

@@ -382,7 +382,7 @@ impl Results {
             for l in &self.latency {
                 let _ = writeln!(
                     s,
-                    "| {} ({}{}) | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {} |",
+                    "| {} ({}{}{}) | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {} |",
                     l.mode,
                     if l.min_poll_interval_ms < l.poll_interval_ms {
                         format!("poll {}-{} ms", l.min_poll_interval_ms, l.poll_interval_ms)
@@ -390,6 +390,7 @@ impl Results {
                         format!("{} ms poll", l.poll_interval_ms)
                     },
                     if l.disk_pressure { ", disk pressure" } else { "" },
+                    if l.snapshot_held { ", snapshot held" } else { "" },
                     fmt_rate(f64::from(l.offered_per_s)),
                     fmt_rate(l.achieved_per_s),
                     l.p50_ms,
