@@ -788,8 +788,8 @@ impl Sql {
              renewed AS ( \
                UPDATE {t}_partitions SET lease_until = now() + make_interval(secs => $3), \
                  claim_token = (SELECT v FROM tok) \
-               WHERE owner = $1 AND (lease_until <= now() + make_interval(secs => $3 / 2) \
-                 OR claim_token IS NULL) \
+               WHERE owner = $1 AND (lease_until IS NULL OR claim_token IS NULL \
+                 OR lease_until <= now() + make_interval(secs => $3 / 2)) \
                RETURNING partition, claim_token, lease_until), \
              mine AS ( \
                SELECT partition, claim_token, lease_until FROM renewed \
