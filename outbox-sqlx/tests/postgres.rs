@@ -1293,6 +1293,16 @@ async fn enqueue_with_writes_the_row_in_the_business_statement() {
     }
 }
 
+/// Commits one message of key `k`.
+async fn enqueue_keyed(pool: &sqlx::PgPool, outbox: &Outbox) {
+    let m = Message::builder("orders.placed", "x")
+        .key("k")
+        .build()
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    outbox.enqueue(&mut *conn, &m).await.unwrap();
+}
+
 /// A transaction that has enqueued one message and is still open.
 async fn open_writer(
     pool: &sqlx::PgPool,
@@ -1400,12 +1410,7 @@ async fn claims_leave_partition_leases_alone_until_half_spent() {
     assert!(taken.0.is_some(), "no partition taken");
     for round in 0..300 {
         if round % 30 == 0 {
-            let m = Message::builder("orders.placed", "x")
-                .key("k")
-                .build()
-                .unwrap();
-            let mut conn = pool.acquire().await.unwrap();
-            outbox.enqueue(&mut *conn, &m).await.unwrap();
+            enqueue_keyed(&pool, &outbox).await;
             let claim = store.claim(&request).await.unwrap();
             assert_eq!(claim.messages.len(), 1, "round {round}");
             let settled = store
@@ -1440,28 +1445,41 @@ async fn a_claim_renews_half_spent_leases_and_the_claim_before_still_settles() {
     use outbox_core::Store;
     let Some(pool) = pool(5).await else { return };
     let (store, outbox) = fresh(&pool, StoreConfig::default().listen(false)).await;
-    // A 6 s lease: renewed by claims 3 s after it was taken; rebalanced
-    // every second, and a claim ahead waits for none.
-    let request = lease_request("renew", 6);
+    let request = lease_request("renew", 30);
+    // The leases' ends moved, instead of waiting for time to pass.
+    let left = |secs: i32| {
+        let sql = format!(
+            "UPDATE {}_partitions SET lease_until = now() + make_interval(secs => $1) \
+             WHERE owner = 'renew'",
+            outbox.table_name()
+        );
+        let pool = pool.clone();
+        async move {
+            sqlx::query(&sql)
+                .bind(f64::from(secs))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
     assert!(store.claim(&request).await.unwrap().messages.is_empty());
+    // Over half of the 30 s left: a claim leaves them alone.
+    left(20).await;
     let taken = partition_leases(&pool, &outbox, "renew").await;
-    tokio::time::sleep(std::time::Duration::from_millis(2_300)).await;
-    let m = Message::builder("orders.placed", "y")
-        .key("k")
-        .build()
-        .unwrap();
-    let mut conn = pool.acquire().await.unwrap();
-    outbox.enqueue(&mut *conn, &m).await.unwrap();
+    enqueue_keyed(&pool, &outbox).await;
     let before = store.claim(&request).await.unwrap();
     assert_eq!(before.messages.len(), 1);
     assert_eq!(partition_leases(&pool, &outbox, "renew").await, taken);
 
-    tokio::time::sleep(std::time::Duration::from_millis(900)).await;
+    // Under half left: the claim ahead (no rebalance is due, within a
+    // second of the first claim) renews them.
+    left(10).await;
+    let spent = partition_leases(&pool, &outbox, "renew").await;
     let ahead = store.claim_ahead(&request, &before.lease).await.unwrap();
     let ahead = ahead.expect("the claim ahead was refused");
     assert!(ahead.messages.is_empty());
     let renewed = partition_leases(&pool, &outbox, "renew").await;
-    assert!(renewed.0 > taken.1, "not renewed: {taken:?} -> {renewed:?}");
+    assert!(renewed.0 > taken.1, "not renewed: {spent:?} -> {renewed:?}");
     assert_eq!(renewed.2, i64::try_from(ahead.lease.token.0).ok());
     let settled = store
         .settle(&before.lease, &delivered(&before))
