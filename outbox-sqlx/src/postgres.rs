@@ -54,6 +54,7 @@ use crate::{
     TableName, PARTITIONS,
 };
 
+mod ahead;
 mod floor;
 
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
@@ -471,6 +472,8 @@ struct Inner {
     watching_close: std::sync::atomic::AtomicBool,
     /// Where claims start reading the pending index.
     floor: floor::Floor,
+    /// Where claims ahead start reading it.
+    ahead: ahead::Ahead,
 }
 
 /// This store's entry in `<table>_waiting`: present while one of its relays
@@ -601,6 +604,10 @@ struct RelayConn {
     /// Committed, and whether to keep it for the next relay transaction.
     committed: Option<bool>,
 }
+
+/// Where a claim's message columns begin (after token, now, incoming,
+/// stamp, until and clear).
+const MESSAGE_AT: usize = 6;
 
 /// Most connections a store keeps between relay transactions: a claim and
 /// a settle in flight for each of two relays (or lanes).
@@ -831,6 +838,7 @@ impl Sql {
                  SELECT tok.v AS token, tok.now AS now, {incoming} AS incoming, \
                    (SELECT min(claim_token) FROM mine) AS stamp, \
                    (SELECT min(lease_until) FROM mine) AS until, \
+                   NOT EXISTS (SELECT 1 FROM {t}_blocked) AS clear, \
                    c.* FROM tok LEFT JOIN c ON true"
             )
         };
@@ -840,19 +848,21 @@ impl Sql {
                WHERE {} AND relation = '{t}'::regclass) END",
             floor::HOLDERS
         );
+        let floor = floor::FloorSql::new(&t);
+        // JIT off: a claim's cost estimate (a LIMIT over an index scan of
+        // the whole pending index) can pass `jit_above_cost`, and
+        // compiling took 15-45 ms against a 2-3 ms claim (measured with a
+        // NOT IN variant of the claim ahead, PostgreSQL 15).
+        let begin = format!(
+            "BEGIN; {}SET LOCAL plan_cache_mode TO force_custom_plan; SET LOCAL jit TO off",
+            if c.async_commit {
+                "SET LOCAL synchronous_commit TO off; "
+            } else {
+                ""
+            }
+        );
         Sql {
-            // JIT off: a claim's cost estimate (a LIMIT over an index scan of
-            // the whole pending index) can pass `jit_above_cost`, and
-            // compiling took 15-45 ms against a 2-3 ms claim (measured
-            // with a NOT IN variant of the claim ahead, PostgreSQL 15).
-            begin: format!(
-                "BEGIN; {}SET LOCAL plan_cache_mode TO force_custom_plan; SET LOCAL jit TO off",
-                if c.async_commit {
-                    "SET LOCAL synchronous_commit TO off; "
-                } else {
-                    ""
-                }
-            ),
+            begin,
             announce: format!(
                 "{hint}INSERT INTO {t}_waiting (waiter, until) \
                  VALUES ('{waiter}', now() + make_interval(secs => {ttl})) \
@@ -862,8 +872,15 @@ impl Sql {
             withdraw: format!("{hint}DELETE FROM {t}_waiting WHERE waiter = '{waiter}'"),
             claim: claim(&floor::filter(4), &incoming),
             // A relay does not ask for incoming rows with a claim ahead.
+            // And it reads only above what the claims before it passed
+            // ($7, on the server started at $8; see `ahead`).
             claim_ahead: claim(
-                &format!("AND NOT (t.id = ANY($4::uuid[])) {}", floor::filter(5)),
+                &format!(
+                    "AND NOT (t.id = ANY($4::uuid[])) AND t.seq > CASE \
+                       WHEN pg_postmaster_start_time() = $8 THEN $7 \
+                       ELSE -9223372036854775807 - 1 END {}",
+                    floor::filter(5)
+                ),
                 "NULL::boolean",
             ),
             // `cardinality(..) > 0` lets the planner drop the parts of a
@@ -916,7 +933,7 @@ impl Sql {
                    WHERE owner IS NULL OR lease_until <= now() \
                    ORDER BY partition LIMIT $3 FOR UPDATE SKIP LOCKED)"
             ),
-            floor: floor::FloorSql::new(&t),
+            floor,
         }
     }
 }
@@ -958,6 +975,7 @@ impl PgStore {
                 kept: std::sync::Mutex::default(),
                 watching_close: std::sync::atomic::AtomicBool::new(false),
                 floor: floor::Floor::default(),
+                ahead: ahead::Ahead::default(),
                 waiting: Waiting {
                     listening,
                     waiters: std::sync::atomic::AtomicUsize::new(0),
@@ -993,6 +1011,20 @@ impl PgStore {
     /// found on (a restart, a failover) ignore it.
     pub fn claim_floor(&self) -> Option<i64> {
         self.inner.floor.get().map(|(seq, _)| seq)
+    }
+
+    /// Where the next claim ahead of `owner` starts reading the pending
+    /// index: above this `seq`, which the owner's claims before it passed
+    /// (`None`: at the claim floor, leaving out the owner's outstanding rows
+    /// by id). Claims ahead move it up while they read a backlog that has
+    /// committed; a plain claim, a settle that does more than deliver, a
+    /// blocked key or a requeue drop it.
+    pub fn claims_ahead_start(&self, owner: &RelayId) -> Option<i64> {
+        self.inner
+            .ahead
+            .start(owner.as_str())
+            .passed
+            .map(|(seq, _)| seq)
     }
 
     /// Renews the owner's registration and moves partitions towards a fair
@@ -1043,25 +1075,116 @@ impl PgStore {
         conn.commit("claim", true).await
     }
 
+    /// [`Store::settle`], without the resets of claims ahead.
+    async fn settling(&self, lease: &Lease, settlement: &Settlement) -> Result<SettleReport> {
+        if settlement.is_empty() {
+            self.inner
+                .owners
+                .settled(lease.owner.as_str(), lease.token.0);
+            return Ok(SettleReport::default());
+        }
+        // Only rows this claim handed out: the partition stamp fences other
+        // owners, this fences other rows of the same partitions.
+        let owner = lease.owner.as_str();
+        let s = self.inner.held.only_held(owner, lease.token.0, settlement);
+        if s.is_empty() {
+            self.inner.owners.settled(owner, lease.token.0);
+            return Ok(SettleReport::default());
+        }
+        // Fenced by the stamp the claim saw, not its own token: the claim
+        // stamped its token only if it renewed the leases.
+        let stamp = self.inner.held.stamp(owner, lease.token.0);
+        let stamp = stamp.map_or(i64::MAX, |s| i64::try_from(s).unwrap_or(i64::MAX));
+        let uuids = |ids: &[MessageId]| ids.iter().map(|i| *i.as_uuid()).collect::<Vec<_>>();
+        let mut conn = RelayConn::begin(&self.inner, "settle").await?;
+        let row = sqlx::query(&self.inner.sql.settle)
+            .bind(stamp)
+            .bind(uuids(&s.delivered))
+            .bind(
+                s.retries
+                    .iter()
+                    .map(|r| *r.id.as_uuid())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                s.retries
+                    .iter()
+                    .map(|r| r.error.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(s.retries.iter().map(|r| secs(r.delay)).collect::<Vec<_>>())
+            .bind(s.dead.iter().map(|f| *f.id.as_uuid()).collect::<Vec<_>>())
+            .bind(s.dead.iter().map(|f| f.error.as_str()).collect::<Vec<_>>())
+            .bind(uuids(&s.released))
+            .bind(owner)
+            .fetch_one(conn.db("settle")?)
+            .await
+            .map_err(err("settle"))?;
+        // Kept while a later claim of this owner is still to be settled.
+        let later = self
+            .inner
+            .owners
+            .get(owner)
+            .outstanding
+            .is_some_and(|(t, _)| t != lease.token.0);
+        conn.commit("settle", later).await?;
+        if !later {
+            // Nothing claimed behind this one: the relay may go idle.
+            self.inner.return_kept();
+        }
+        self.inner.owners.settled(owner, lease.token.0);
+        self.inner.held.release(owner, lease.token.0);
+        let n = |i: usize| -> Result<u64> {
+            let v: i64 = row.try_get(i).map_err(err("settle"))?;
+            Ok(u64::try_from(v).unwrap_or(0))
+        };
+        Ok(SettleReport {
+            delivered: n(0)?,
+            rescheduled: n(1)?,
+            dead_lettered: n(2)?,
+            released: n(3)?,
+        })
+    }
+
     /// Claims for `request.owner`; `exclude` (claiming ahead) leaves out
     /// the rows of its outstanding claims.
     async fn take(&self, request: &ClaimRequest, exclude: Option<Vec<Uuid>>) -> Result<Claim> {
+        let owner = request.owner.as_str();
+        let taken = self.taking(request, exclude).await;
+        if taken.is_err() {
+            self.inner.ahead.reset(owner);
+        }
+        taken
+    }
+
+    async fn taking(&self, request: &ClaimRequest, exclude: Option<Vec<Uuid>>) -> Result<Claim> {
         let owner = request.owner.as_str();
         let limit = i64::try_from(request.limit).unwrap_or(i64::MAX);
         let started = tokio::time::Instant::now();
         let ahead = exclude.is_some();
         let sql = &self.inner.sql;
         let (floor, server_started) = self.inner.floor.get().unzip();
-        let mut conn = RelayConn::begin(&self.inner, "claim").await?;
         let floor = floor.unwrap_or(i64::MIN);
+        // A claim ahead reads above what the claims before it passed; the
+        // rows up to `complete` have all committed (or gone) before it
+        // begins (see `ahead`).
+        let run = ahead.then(|| self.inner.ahead.start(owner));
+        let complete = self.inner.floor.complete();
+        let mut conn = RelayConn::begin(&self.inner, "claim").await?;
         let query = match exclude {
             Some(ids) => sqlx::query(&sql.claim_ahead)
                 .bind(owner)
                 .bind(limit)
                 .bind(secs(request.lease))
-                .bind(ids)
+                .bind(if run.is_some_and(|r| r.covers_outstanding) {
+                    Vec::new()
+                } else {
+                    ids
+                })
                 .bind(floor)
-                .bind(server_started),
+                .bind(server_started)
+                .bind(run.and_then(|r| r.passed).map_or(i64::MIN, |(seq, _)| seq))
+                .bind(run.and_then(|r| r.passed).map(|(_, on)| on)),
             // Incoming rows matter only to a relay that polls: while LISTEN
             // is up, their commits wake it (NOTIFY, or `wake` after them).
             // Asking for them anyway cost NOTIFY relays 0.2-0.3 ms of p50
@@ -1083,7 +1206,7 @@ impl PgStore {
         // back.
         let found = rows
             .first()
-            .is_some_and(|r| matches!(column::<Option<Uuid>>(r, 5, true), Ok(Some(_))));
+            .is_some_and(|r| matches!(column::<Option<Uuid>>(r, MESSAGE_AT, true), Ok(Some(_))));
         conn.commit("claim", found).await?;
         if !found {
             self.inner.return_kept();
@@ -1101,6 +1224,10 @@ impl PgStore {
             });
         }
         let Some(first) = rows.first() else {
+            match run {
+                Some(run) => self.inner.ahead.claimed(owner, run, None, true, None),
+                None => self.inner.ahead.plain(owner, None),
+            }
             return Ok(empty_claim(request));
         };
         let token: i64 = first.try_get("token").map_err(err("claim"))?;
@@ -1108,14 +1235,22 @@ impl PgStore {
         let incoming: Option<bool> = first.try_get("incoming").map_err(err("claim"))?;
         let stamp: Option<i64> = first.try_get("stamp").map_err(err("claim"))?;
         let until: Option<DateTime<Utc>> = first.try_get("until").map_err(err("claim"))?;
+        let clear: bool = first.try_get("clear").map_err(err("claim"))?;
         let mut batch = Vec::with_capacity(rows.len());
         for (i, row) in rows.iter().enumerate() {
-            let id: Option<Uuid> = column(row, 5, i == 0).map_err(err("claim"))?;
+            let id: Option<Uuid> = column(row, MESSAGE_AT, i == 0).map_err(err("claim"))?;
             if id.is_some() {
-                batch.push(Self::row_to_message(row, 5, i == 0)?);
+                batch.push(Self::row_to_message(row, MESSAGE_AT, i == 0)?);
             }
         }
         batch.sort_unstable_by_key(|(seq, _)| *seq);
+        let top = batch.last().map(|(seq, _)| *seq);
+        match run {
+            Some(run) => {
+                self.inner.ahead.claimed(owner, run, top, clear, complete);
+            }
+            None => self.inner.ahead.plain(owner, top),
+        }
         let messages: Vec<Message> = batch.into_iter().map(|(_, m)| m).collect();
         self.busy(!messages.is_empty()).await;
         let token = u64::try_from(token).unwrap_or(0);
@@ -1346,73 +1481,19 @@ impl Store for PgStore {
     }
 
     async fn settle(&self, lease: &Lease, settlement: &Settlement) -> Result<SettleReport> {
-        if settlement.is_empty() {
-            self.inner
-                .owners
-                .settled(lease.owner.as_str(), lease.token.0);
-            return Ok(SettleReport::default());
+        // Anything but deliveries may make rows due again below what the
+        // owner's claims ahead passed, or hold a key (see `ahead`).
+        let delivering = settlement.retries.is_empty()
+            && settlement.dead.is_empty()
+            && settlement.released.is_empty();
+        if !delivering {
+            self.inner.ahead.reset(lease.owner.as_str());
         }
-        // Only rows this claim handed out: the partition stamp fences other
-        // owners, this fences other rows of the same partitions.
-        let owner = lease.owner.as_str();
-        let s = self.inner.held.only_held(owner, lease.token.0, settlement);
-        if s.is_empty() {
-            self.inner.owners.settled(owner, lease.token.0);
-            return Ok(SettleReport::default());
+        let settled = self.settling(lease, settlement).await;
+        if settled.is_err() {
+            self.inner.ahead.reset(lease.owner.as_str());
         }
-        // Fenced by the stamp the claim saw, not its own token: the claim
-        // stamped its token only if it renewed the leases.
-        let stamp = self.inner.held.stamp(owner, lease.token.0);
-        let stamp = stamp.map_or(i64::MAX, |s| i64::try_from(s).unwrap_or(i64::MAX));
-        let uuids = |ids: &[MessageId]| ids.iter().map(|i| *i.as_uuid()).collect::<Vec<_>>();
-        let mut conn = RelayConn::begin(&self.inner, "settle").await?;
-        let row = sqlx::query(&self.inner.sql.settle)
-            .bind(stamp)
-            .bind(uuids(&s.delivered))
-            .bind(
-                s.retries
-                    .iter()
-                    .map(|r| *r.id.as_uuid())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                s.retries
-                    .iter()
-                    .map(|r| r.error.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(s.retries.iter().map(|r| secs(r.delay)).collect::<Vec<_>>())
-            .bind(s.dead.iter().map(|f| *f.id.as_uuid()).collect::<Vec<_>>())
-            .bind(s.dead.iter().map(|f| f.error.as_str()).collect::<Vec<_>>())
-            .bind(uuids(&s.released))
-            .bind(owner)
-            .fetch_one(conn.db("settle")?)
-            .await
-            .map_err(err("settle"))?;
-        // Kept while a later claim of this owner is still to be settled.
-        let later = self
-            .inner
-            .owners
-            .get(owner)
-            .outstanding
-            .is_some_and(|(t, _)| t != lease.token.0);
-        conn.commit("settle", later).await?;
-        if !later {
-            // Nothing claimed behind this one: the relay may go idle.
-            self.inner.return_kept();
-        }
-        self.inner.owners.settled(owner, lease.token.0);
-        self.inner.held.release(owner, lease.token.0);
-        let n = |i: usize| -> Result<u64> {
-            let v: i64 = row.try_get(i).map_err(err("settle"))?;
-            Ok(u64::try_from(v).unwrap_or(0))
-        };
-        Ok(SettleReport {
-            delivered: n(0)?,
-            rescheduled: n(1)?,
-            dead_lettered: n(2)?,
-            released: n(3)?,
-        })
+        settled
     }
 
     async fn notified(&self) {
@@ -1546,13 +1627,16 @@ impl DeadLetters for PgStore {
         .map_err(|e| {
             // It may have committed: rows may be pending below the floor.
             self.inner.floor.clear();
+            self.inner.ahead.reset_all();
             self.inner.wake_all();
             err("requeue")(e)
         })?
         .rows_affected();
         if n > 0 {
-            // Pending again, maybe below the claim floor.
+            // Pending again, maybe below the claim floor and below what
+            // claims ahead passed.
             self.inner.floor.clear();
+            self.inner.ahead.reset_all();
             self.inner.wake_all();
         }
         Ok(n)

@@ -1490,3 +1490,153 @@ async fn a_claim_renews_half_spent_leases_and_the_claim_before_still_settles() {
         "a settle after a renewal was fenced off"
     );
 }
+
+/// Claims of 100 for owner `ahead`, with a long lease.
+fn ahead_request() -> outbox_core::ClaimRequest {
+    lease_request("ahead", 300)
+}
+
+/// Claims of nothing (`limit` 0) by owner `ahead` for 1.2 s: the claim
+/// floor takes its steps after claims, the third of which finds every row
+/// so far committed (claims ahead pass only such rows).
+async fn floor_steps(store: &outbox_sqlx::postgres::PgStore) {
+    use outbox_core::Store;
+    let nothing = outbox_core::ClaimRequest {
+        limit: 0,
+        ..ahead_request()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1200);
+    while std::time::Instant::now() < deadline {
+        let claim = store.claim(&nothing).await.unwrap();
+        assert!(claim.messages.is_empty());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs `scenario` until it gets through without a claim ahead refused
+/// (`None`): a store refuses one when its rebalance is due, once a second,
+/// which a slow machine may reach mid-scenario.
+async fn without_a_rebalance<Fut>(scenario: impl Fn() -> Fut)
+where
+    Fut: std::future::Future<Output = Option<()>>,
+{
+    for _ in 0..5 {
+        if scenario().await.is_some() {
+            return;
+        }
+    }
+    panic!("every try met a rebalance");
+}
+
+fn ids(c: &outbox_core::Claim) -> Vec<outbox_core::MessageId> {
+    c.messages.iter().map(|m| m.id).collect()
+}
+
+/// Claims ahead pass what they read of a committed backlog (the next one
+/// reads above it and sends no ids), and a row released below that is
+/// claimed by the next claim ahead, before a later message of its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_ahead_after_a_release_takes_the_released_row_first() {
+    use outbox_core::Store;
+    let Some(pool) = pool(4).await else { return };
+    without_a_rebalance(|| async {
+        // Keys of their own, but rows 150 and 350 share one.
+        let key = |i| match i {
+            150 | 350 => "k".to_string(),
+            i => format!("k{i}"),
+        };
+        let (store, outbox) = fresh(&pool, StoreConfig::default().listen(false)).await;
+        let ms: Vec<Message> = (0..400)
+            .map(|i| {
+                Message::builder("orders.placed", "x")
+                    .key(key(i))
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let mut conn = pool.acquire().await.unwrap();
+        outbox.enqueue_batch(&mut *conn, &ms).await.unwrap();
+        drop(conn);
+        floor_steps(&store).await;
+        let request = ahead_request();
+        let owner = request.owner.clone();
+        let span = |r: std::ops::Range<usize>| ms[r].iter().map(|m| m.id).collect::<Vec<_>>();
+        let plain = store.claim(&request).await.unwrap();
+        assert_eq!(ids(&plain), span(0..100));
+        assert_eq!(store.claims_ahead_start(&owner), None);
+        let a1 = store.claim_ahead(&request, &plain.lease).await.unwrap()?;
+        assert_eq!(ids(&a1), span(100..200));
+        let passed = store.claims_ahead_start(&owner);
+        assert!(passed.is_some(), "a committed backlog is passed");
+        store
+            .settle(&plain.lease, &delivered(&plain))
+            .await
+            .unwrap();
+        let a2 = store.claim_ahead(&request, &a1.lease).await.unwrap()?;
+        assert_eq!(ids(&a2), span(200..300));
+        assert!(store.claims_ahead_start(&owner) > passed);
+        let mut release = delivered(&a1);
+        release.delivered.retain(|id| *id != ms[150].id);
+        release.released = vec![ms[150].id];
+        store.settle(&a1.lease, &release).await.unwrap();
+        assert_eq!(store.claims_ahead_start(&owner), None);
+        let a3 = ids(&store.claim_ahead(&request, &a2.lease).await.unwrap()?);
+        let at = |id| a3.iter().position(|i| *i == id);
+        assert_eq!(at(ms[150].id), Some(0), "the released row first");
+        assert!(at(ms[350].id).is_some_and(|p| p > 0));
+        assert!(
+            !a3.iter().any(|id| span(200..300).contains(id)),
+            "nothing outstanding"
+        );
+        Some(())
+    })
+    .await;
+}
+
+/// Claims ahead do not pass a row whose insert is still under way (it drew
+/// a lower `seq` and commits later): the next claim ahead takes it, before
+/// a later message of its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_ahead_still_takes_a_row_committed_late_below_the_claims_before_it() {
+    use outbox_core::Store;
+    let Some(pool) = pool(4).await else { return };
+    without_a_rebalance(|| async {
+        let (store, outbox) = fresh(&pool, StoreConfig::default().listen(false)).await;
+        let request = ahead_request();
+        let mut late = pool.begin().await.unwrap();
+        let first = Message::builder("orders.placed", "x")
+            .key("k")
+            .build()
+            .unwrap();
+        outbox.enqueue(&mut *late, &first).await.unwrap();
+        keyed_backlog(&pool, &outbox, 250).await;
+        // The floor's steps run while it is open.
+        floor_steps(&store).await;
+        let plain = store.claim(&request).await.unwrap();
+        let a1 = store.claim_ahead(&request, &plain.lease).await.unwrap()?;
+        late.commit().await.unwrap();
+        enqueue_keyed(&pool, &outbox).await;
+        store
+            .settle(&plain.lease, &delivered(&plain))
+            .await
+            .unwrap();
+        let a2 = store.claim_ahead(&request, &a1.lease).await.unwrap()?;
+        let taken: Vec<_> = ids(&plain)
+            .into_iter()
+            .chain(ids(&a1))
+            .chain(ids(&a2))
+            .collect();
+        let at = |id| taken.iter().position(|i| *i == id);
+        assert!(at(first.id).is_some(), "the row committed late was claimed");
+        let later = a2
+            .messages
+            .iter()
+            .find(|m| m.key.as_deref() == Some("k") && m.id != first.id);
+        assert!(
+            later.is_none_or(|m| at(m.id) > at(first.id)),
+            "the late row first"
+        );
+        Some(())
+    })
+    .await;
+}

@@ -97,6 +97,10 @@ struct State {
     /// No row below this `seq` is pending while the server runs since
     /// then (none: claims read from the start).
     floor: Option<(i64, Started)>,
+    /// Every row with a `seq` up to this one had committed or gone when
+    /// the last step 3 found no writer left (`last`): a statement begun
+    /// since sees all of them (claims ahead, see `ahead`).
+    complete: Option<(i64, Started)>,
     /// Bumped when the floor drops: a step 3 under way then keeps its
     /// result to itself.
     epoch: u64,
@@ -208,6 +212,12 @@ impl Floor {
         self.state().floor
     }
 
+    /// The `seq` up to which every row has committed or gone, and the
+    /// server start time it holds for (see `State::complete`).
+    pub(super) fn complete(&self) -> Option<(i64, Started)> {
+        self.state().complete
+    }
+
     /// Rows below the floor may be pending again (this store requeued
     /// them): claims read from the start until a step 3 finds a floor.
     pub(super) fn clear(&self) {
@@ -298,11 +308,21 @@ impl Floor {
             let mut s = self.state();
             s.off = true;
             s.lower(None);
+            s.complete = None;
             return Ok(());
         }
         if self.get().is_some_and(|(_, on)| on != started) {
             // Another server, or this one restarted: start over.
             self.clear();
+        }
+        {
+            let mut s = self.state();
+            if s.complete
+                .is_some_and(|(c, on)| on != started || last.is_none_or(|l| l < c))
+            {
+                // Another server, or the sequence went back.
+                s.complete = None;
+            }
         }
         let Some(last) = last else {
             return Ok(());
@@ -360,7 +380,10 @@ impl Floor {
             // Another server, or the sequence went back since step 1:
             // `writers` said nothing about its new values.
             s.lower(None);
+            s.complete = None;
         } else {
+            // `writing` found none of `writers` left.
+            s.complete = Some((last, started));
             let floor = lowest.unwrap_or(last.saturating_add(1));
             s.raise = Some(((floor, started), wal, epoch));
         }
