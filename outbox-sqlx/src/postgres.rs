@@ -873,12 +873,17 @@ impl Sql {
             claim: claim(&floor::filter(4), &incoming),
             // A relay does not ask for incoming rows with a claim ahead.
             // And it reads only above what the claims before it passed
-            // ($7, on the server started at $8; see `ahead`).
+            // ($7, on the server started at $8; see `ahead`). On another
+            // server (a restart, a failover) that bound is void, and a claim
+            // sent without the outstanding ids (all at or below it) reads
+            // nothing rather than hand them out again.
             claim_ahead: claim(
                 &format!(
                     "AND NOT (t.id = ANY($4::uuid[])) AND t.seq > CASE \
                        WHEN pg_postmaster_start_time() = $8 THEN $7 \
-                       ELSE -9223372036854775807 - 1 END {}",
+                       WHEN $8 IS NULL OR cardinality($4::uuid[]) > 0 \
+                         THEN -9223372036854775807 - 1 \
+                       ELSE 9223372036854775807 END {}",
                     floor::filter(5)
                 ),
                 "NULL::boolean",

@@ -118,6 +118,8 @@ impl Ahead {
     ) {
         let mut runs = self.lock();
         let run = runs.entry(owner.to_string()).or_default();
+        // Its rows are outstanding whatever else happened meanwhile.
+        run.top = run.top.max(top.unwrap_or(i64::MIN));
         if run.epoch != start.epoch {
             return;
         }
@@ -126,7 +128,6 @@ impl Ahead {
             run.epoch = run.epoch.wrapping_add(1);
             return;
         };
-        run.top = run.top.max(top);
         if let Some((last, started)) = complete {
             let now = top.min(last);
             run.passed = match run.passed {
@@ -209,5 +210,20 @@ mod tests {
         let s = a.start("o");
         a.claimed("o", s, Some(75), true, Some((100, at(2))));
         assert_eq!(a.start("o").passed, Some((75, at(2))));
+    }
+
+    #[test]
+    fn rows_of_a_claim_that_met_a_reset_or_a_blocked_key_still_count_as_outstanding() {
+        let a = Ahead::default();
+        a.plain("o", Some(100));
+        a.claimed("o", a.start("o"), Some(200), true, complete(1000));
+        let s = a.start("o");
+        a.reset("o");
+        a.claimed("o", s, Some(450), true, complete(1000));
+        a.claimed("o", a.start("o"), Some(500), false, complete(1000));
+        a.claimed("o", a.start("o"), Some(300), true, complete(1000));
+        let s = a.start("o");
+        assert_eq!(s.passed, Some((300, at(1))));
+        assert!(!s.covers_outstanding, "rows up to 500 are outstanding");
     }
 }
