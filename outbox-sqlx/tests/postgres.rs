@@ -320,16 +320,27 @@ async fn a_dropped_relay_statement_leaves_no_transaction_in_the_pool() {
 
 /// Enqueues `n` messages, each with a key of its own.
 async fn keyed_backlog(pool: &sqlx::PgPool, outbox: &Outbox, n: usize) {
+    backlog(pool, outbox, n, |i| format!("k{i}")).await;
+}
+
+/// Commits `n` messages keyed `key(i)` in one batch; returns them.
+async fn backlog(
+    pool: &sqlx::PgPool,
+    outbox: &Outbox,
+    n: usize,
+    key: impl Fn(usize) -> String,
+) -> Vec<Message> {
     let ms: Vec<Message> = (0..n)
         .map(|i| {
             Message::builder("orders.placed", "x")
-                .key(format!("k{i}"))
+                .key(key(i))
                 .build()
                 .unwrap()
         })
         .collect();
     let mut conn = pool.acquire().await.unwrap();
     outbox.enqueue_batch(&mut *conn, &ms).await.unwrap();
+    ms
 }
 
 /// A fresh store with 300 keyed messages, 100 of them claimed by owner
@@ -540,16 +551,50 @@ async fn nothing_before_a_marker(
     channel: &str,
     what: &str,
 ) {
-    sqlx::query("SELECT pg_notify($1, 'marker')")
-        .bind(channel)
-        .execute(pool)
-        .await
-        .unwrap();
+    send_marker(pool, channel).await;
     let next = tokio::time::timeout(std::time::Duration::from_secs(10), listener.recv())
         .await
         .unwrap()
         .unwrap();
     assert_eq!(next.payload(), "marker", "{what}");
+}
+
+async fn send_marker(pool: &sqlx::PgPool, channel: &str) {
+    sqlx::query("SELECT pg_notify($1, 'marker')")
+        .bind(channel)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// Reads the NOTIFYs heard so far, up to a marker sent now.
+async fn read_to_a_marker(
+    pool: &sqlx::PgPool,
+    listener: &mut sqlx::postgres::PgListener,
+    channel: &str,
+) {
+    send_marker(pool, channel).await;
+    let deadline = std::time::Duration::from_secs(10);
+    while tokio::time::timeout(deadline, listener.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .payload()
+        != "marker"
+    {}
+}
+
+/// The next NOTIFY heard is `wake`'s (empty payload), not a marker.
+async fn wake_heard(listener: &mut sqlx::postgres::PgListener) {
+    let next = tokio::time::timeout(std::time::Duration::from_secs(10), listener.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        next.payload(),
+        "",
+        "wake sent a NOTIFY to the waiting relay"
+    );
 }
 
 /// NOTIFY rides in the enqueue statement itself, in each of its four
@@ -631,31 +676,19 @@ async fn wake_reaches_a_waiting_relay_and_sends_nothing_otherwise() {
         "SELECT count(*) FROM {}_waiting WHERE until > now()",
         outbox.table_name().qualified("")
     );
-    // Idle: an entry is there, and the relay has made the claim it makes
-    // after writing it, before it waits: every claim draws a token, and
-    // none was drawn for 300 ms.
-    let idle = format!(
-        "SELECT (SELECT count(*) FROM {t}_waiting WHERE until > now()), \
-           (SELECT last_value FROM {t}_token)",
-        t = outbox.table_name().qualified("")
-    );
+    // Idle: the relay writes its entry just before it waits.
     let until_idle = |pool: sqlx::PgPool, what: &'static str| {
-        let idle = idle.clone();
+        let waiting = waiting.clone();
         async move {
             let deadline = Instant::now() + Duration::from_secs(10);
-            let read = || async {
-                sqlx::query_as::<_, (i64, i64)>(&idle)
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap()
-            };
-            loop {
-                let (entries, token) = read().await;
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                if entries > 0 && read().await == (entries, token) {
-                    return;
-                }
+            while sqlx::query_scalar::<_, i64>(&waiting)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+                == 0
+            {
                 assert!(Instant::now() < deadline, "{what}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
     };
@@ -705,6 +738,7 @@ async fn wake_reaches_a_waiting_relay_and_sends_nothing_otherwise() {
     // Only a NOTIFY can deliver what is committed from now on.
     until_idle(pool.clone(), "the idle relay wrote no entry").await;
     commit(vec![msg()]).await;
+    wake_heard(&mut listener).await;
     assert_eq!(
         rec.wait_for(2, Duration::from_secs(10)).await,
         2,
@@ -723,7 +757,10 @@ async fn wake_reaches_a_waiting_relay_and_sends_nothing_otherwise() {
     assert_eq!(rec.wait_for(5_002, Duration::from_secs(20)).await, 5_002);
     // Idle again: the entry is back and wake still reaches the relay.
     until_idle(pool.clone(), "no entry once idle again").await;
+    // What the busy phase's wake sent is behind a marker.
+    read_to_a_marker(&pool, &mut listener, &channel).await;
     commit(vec![msg()]).await;
+    wake_heard(&mut listener).await;
     assert_eq!(rec.wait_for(5_003, Duration::from_secs(10)).await, 5_003);
     running.stop().await;
 }
@@ -1295,12 +1332,7 @@ async fn enqueue_with_writes_the_row_in_the_business_statement() {
 
 /// Commits one message of key `k`.
 async fn enqueue_keyed(pool: &sqlx::PgPool, outbox: &Outbox) {
-    let m = Message::builder("orders.placed", "x")
-        .key("k")
-        .build()
-        .unwrap();
-    let mut conn = pool.acquire().await.unwrap();
-    outbox.enqueue(&mut *conn, &m).await.unwrap();
+    backlog(pool, outbox, 1, |_| "k".to_string()).await;
 }
 
 /// A transaction that has enqueued one message and is still open.
@@ -1546,17 +1578,7 @@ async fn a_claim_ahead_after_a_release_takes_the_released_row_first() {
             i => format!("k{i}"),
         };
         let (store, outbox) = fresh(&pool, StoreConfig::default().listen(false)).await;
-        let ms: Vec<Message> = (0..400)
-            .map(|i| {
-                Message::builder("orders.placed", "x")
-                    .key(key(i))
-                    .build()
-                    .unwrap()
-            })
-            .collect();
-        let mut conn = pool.acquire().await.unwrap();
-        outbox.enqueue_batch(&mut *conn, &ms).await.unwrap();
-        drop(conn);
+        let ms = backlog(&pool, &outbox, 400, key).await;
         floor_steps(&store).await;
         let request = ahead_request();
         let owner = request.owner.clone();
