@@ -468,6 +468,141 @@ async fn database_connections_terminated_then_postgres_restarted() {
     assert_eq!((v.lost, v.phantoms, v.order_violations), (0, 0, 0), "{v:?}");
 }
 
+/// A store's claims after PostgreSQL restarted, for owner `ahead`: claims
+/// of nothing until the claim floor is found (its steps follow claims; the
+/// step that finds it also records that every row so far has committed,
+/// which claims ahead go by), then a restart, then a plain claim and a
+/// claim ahead of it. `None` when the claim ahead was refused (a rebalance
+/// due) or a floor step on the new server came first and left it nothing
+/// to go by: the scenario is tried again.
+async fn claims_around_a_restart(
+    store: &PgStore,
+    request: &outbox_core::ClaimRequest,
+) -> Option<(outbox_core::Claim, outbox_core::Claim)> {
+    use outbox_core::Store;
+    let nothing = outbox_core::ClaimRequest {
+        limit: 0,
+        ..request.clone()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while store.claim_floor().is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "no claim floor");
+        assert!(store.claim(&nothing).await.unwrap().messages.is_empty());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    {
+        let _guard = Running("postgres");
+        stop("postgres");
+        start("postgres");
+    }
+    let plain = store.claim(request).await.unwrap();
+    let ahead = store.claim_ahead(request, &plain.lease).await.unwrap()?;
+    store.claims_ahead_start(&request.owner)?;
+    Some((plain, ahead))
+}
+
+/// Claims ahead read above what the claims before them passed, which holds
+/// only on the server it was found on. After PostgreSQL restarts (as after
+/// a failover, where rows may sit under other `seq`s), a claim ahead that
+/// sends no ids (every outstanding row lies below that start) reads
+/// nothing rather than from the start of the index, which would hand the
+/// outstanding rows out again. Then the rest drains exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claims_ahead_hand_out_no_row_twice_across_a_postgres_restart() {
+    use outbox_core::Store;
+    let _serial = SERIAL.lock().await;
+    if !services(&[]) {
+        return;
+    }
+    let request = outbox_core::ClaimRequest {
+        owner: outbox_core::RelayId::new("ahead"),
+        limit: 100,
+        lease: Duration::from_secs(300),
+    };
+    for _ in 0..3 {
+        let db = Db::fresh().await;
+        let store = PgStore::with_config(
+            outbox_tests::pg_pool("faults-ahead", 4).await,
+            StoreConfig::default()
+                .table(&db.table)
+                .unwrap()
+                .listen(false),
+        );
+        let ms: Vec<Message> = (0..400)
+            .map(|i| {
+                Message::builder("faults.ahead", "x")
+                    .key(format!("k{i}"))
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let mut conn = db.pool.acquire().await.unwrap();
+        db.outbox.enqueue_batch(&mut *conn, &ms).await.unwrap();
+        drop(conn);
+        let Some((plain, a1)) = claims_around_a_restart(&store, &request).await else {
+            continue;
+        };
+        let ids = |c: &outbox_core::Claim| c.messages.iter().map(|m| m.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(&plain),
+            ms[..100].iter().map(|m| m.id).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            ids(&a1),
+            ms[100..200].iter().map(|m| m.id).collect::<Vec<_>>()
+        );
+        store
+            .settle(&plain.lease, &delivered(&plain))
+            .await
+            .unwrap();
+        // a1's rows are outstanding and lie below where the next claim
+        // ahead starts, on the server before the restart.
+        let a2 = store.claim_ahead(&request, &a1.lease).await.unwrap();
+        let a2 = a2.expect("no rebalance due yet");
+        assert!(
+            !ids(&a2).iter().any(|id| ids(&a1).contains(id)),
+            "a claim ahead handed out outstanding rows again"
+        );
+        assert!(a2.messages.is_empty(), "reads nothing on the new server");
+        assert_eq!(store.claims_ahead_start(&request.owner), None);
+        let mut arrived: Vec<MessageId> = [&plain, &a1, &a2].into_iter().flat_map(ids).collect();
+        store.settle(&a1.lease, &delivered(&a1)).await.unwrap();
+        for _ in 0..20 {
+            let c = store.claim(&request).await.unwrap();
+            if c.messages.is_empty() {
+                break;
+            }
+            arrived.extend(ids(&c));
+            store.settle(&c.lease, &delivered(&c)).await.unwrap();
+        }
+        let produced = Produced {
+            committed: ms
+                .iter()
+                .map(|m| (m.id, m.key.clone().unwrap_or_default()))
+                .collect(),
+            rolled_back: Default::default(),
+        };
+        let v = Verdict::check(&produced, &arrived);
+        v.print(
+            "claims ahead across a restart",
+            ms.len(),
+            "postgres restarts 1",
+        );
+        assert_eq!(v, Verdict::default(), "{v:?}");
+        assert_eq!(db.backlog().await, 0);
+        return;
+    }
+    panic!("every try met a rebalance or a floor step first");
+}
+
+/// Every message of `claim` delivered.
+fn delivered(claim: &outbox_core::Claim) -> outbox_core::Settlement {
+    outbox_core::Settlement {
+        delivered: claim.messages.iter().map(|m| m.id).collect(),
+        ..Default::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rollbacks_under_load() {
     let _serial = SERIAL.lock().await;
