@@ -289,24 +289,22 @@ impl Owners {
         }
         Ok(true)
     }
-    /// The ids a claim ahead of `outstanding` must leave out (those its
-    /// outstanding claims handed out), or `None` when it may not go now:
-    /// only on top of this owner's latest, unexpired claim, and not when a
-    /// rebalance is due (the relay settles first, so that partitions given
-    /// up hold no unsettled rows).
-    pub fn ahead(
+    /// Whether a claim ahead of `outstanding` may go now: only on top of
+    /// this owner's latest, unexpired claim, and not when a rebalance is
+    /// due (the relay settles first, so that partitions given up hold no
+    /// unsettled rows). It leaves out the rows of the owner's outstanding
+    /// claims ([`Held`]).
+    pub fn may_claim_ahead(
         &self,
-        held: &Held,
         request: &outbox_core::ClaimRequest,
         outstanding: &outbox_core::Lease,
-    ) -> Option<Vec<MessageId>> {
+    ) -> bool {
         let owner = request.owner.as_str();
         let latest = self.get(owner).outstanding.map(|(token, _)| token);
-        let may = outstanding.owner == request.owner
+        outstanding.owner == request.owner
             && latest == Some(outstanding.token.0)
             && self.busy(owner)
-            && !self.rebalance_due(owner, request.lease);
-        may.then(|| held.outstanding(owner))
+            && !self.rebalance_due(owner, request.lease)
     }
     /// Records a settle: clears the outstanding claim if it is this one.
     pub fn settled(&self, owner: &str, token: u64) {
@@ -340,10 +338,12 @@ struct HeldClaim {
     /// The claim's token (its lease's `FencingToken`).
     token: u64,
     /// The lowest stamp on the partitions it read from: its settle is
-    /// fenced by it.
+    /// fenced by it (PostgreSQL).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     stamp: u64,
-    /// The ids it handed out.
-    ids: std::sync::Arc<std::collections::HashSet<outbox_core::MessageId>>,
+    /// The ids it handed out, with their `seq`s (MySQL leaves them out of
+    /// a claim ahead and settles them by `seq`).
+    rows: std::sync::Arc<std::collections::HashMap<outbox_core::MessageId, i64>>,
 }
 
 #[cfg(any(feature = "postgres", feature = "mysql"))]
@@ -352,14 +352,15 @@ impl Held {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a claim's ids; a claim that is not ahead replaces the
-    /// owner's earlier ones (those were settled or have failed).
+    /// Records the ids a claim handed out, with their `seq`s; a claim that
+    /// is not ahead replaces the owner's earlier ones (those were settled or
+    /// have failed).
     pub fn hold(
         &self,
         owner: &str,
         token: u64,
         stamp: u64,
-        ids: std::collections::HashSet<outbox_core::MessageId>,
+        rows: std::collections::HashMap<outbox_core::MessageId, i64>,
         ahead: bool,
     ) {
         let mut held = self.lock();
@@ -370,16 +371,42 @@ impl Held {
         claims.push(HeldClaim {
             token,
             stamp,
-            ids: std::sync::Arc::new(ids),
+            rows: std::sync::Arc::new(rows),
         });
     }
 
     /// Every id `owner`'s outstanding claims handed out.
+    #[cfg(feature = "postgres")]
     pub fn outstanding(&self, owner: &str) -> Vec<outbox_core::MessageId> {
         self.lock()
             .get(owner)
-            .map(|c| c.iter().flat_map(|h| h.ids.iter().copied()).collect())
+            .map(|c| c.iter().flat_map(|h| h.rows.keys().copied()).collect())
             .unwrap_or_default()
+    }
+
+    /// The `seq` of every row `owner`'s outstanding claims handed out.
+    #[cfg(feature = "mysql")]
+    pub fn outstanding_seqs(&self, owner: &str) -> Vec<i64> {
+        self.lock()
+            .get(owner)
+            .map(|c| c.iter().flat_map(|h| h.rows.values().copied()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The `seq`s of `ids`, of those the claim `token` of `owner` handed
+    /// out.
+    #[cfg(feature = "mysql")]
+    pub fn seqs(&self, owner: &str, token: u64, ids: &[outbox_core::MessageId]) -> Vec<i64> {
+        let held = self.lock();
+        let Some(rows) = held
+            .get(owner)
+            .and_then(|c| c.iter().find(|h| h.token == token))
+        else {
+            return Vec::new();
+        };
+        ids.iter()
+            .filter_map(|id| rows.rows.get(id).copied())
+            .collect()
     }
 
     /// The stamp the claim `token` of `owner` saw (see [`HeldClaim`]).
@@ -403,13 +430,13 @@ impl Held {
             .lock()
             .get(owner)
             .and_then(|c| c.iter().find(|h| h.token == token))
-            .map(|h| h.ids.clone())
+            .map(|h| h.rows.clone())
             .unwrap_or_default();
         let mut s = dedupe(settlement);
-        s.delivered.retain(|id| held.contains(id));
-        s.retries.retain(|r| held.contains(&r.id));
-        s.dead.retain(|f| held.contains(&f.id));
-        s.released.retain(|id| held.contains(id));
+        s.delivered.retain(|id| held.contains_key(id));
+        s.retries.retain(|r| held.contains_key(&r.id));
+        s.dead.retain(|f| held.contains_key(&f.id));
+        s.released.retain(|id| held.contains_key(id));
         s
     }
 

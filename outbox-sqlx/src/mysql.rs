@@ -50,6 +50,25 @@ fn marks(n: usize) -> String {
     vec!["?"; n].join(", ")
 }
 
+/// Most values in one `NOT IN` list of a claim ahead: MariaDB turns a list
+/// of 1,000 or more (`in_predicate_conversion_threshold`) into a join
+/// with a derived table.
+const NOT_IN_CHUNK: usize = 999;
+
+/// A claim ahead's condition that leaves out the rows of `seqs` (the
+/// owner's outstanding claims), one bind parameter each.
+///
+/// By `seq`, not by id: `seq` is in every entry of the pending index, so
+/// the scan drops those rows before it reads them. By id it read each
+/// (1,000 rows handed out for 3,000 read: 7.7 ms against 3.0 ms per claim
+/// of 1,000, MariaDB 10.11, `ANALYZE`); as one list of 2,000 it was
+/// turned into a join and read them too (8.4 ms).
+fn outside(seqs: &[i64]) -> String {
+    seqs.chunks(NOT_IN_CHUNK)
+        .map(|c| format!(" AND m.seq NOT IN ({})", marks(c.len())))
+        .collect()
+}
+
 /// The schema for `table`, as `migrate` applies it.
 pub fn schema(table: &TableName) -> String {
     let t = table.qualified("");
@@ -367,7 +386,7 @@ impl MySqlStore {
 
     /// Claims for `request.owner`; `exclude` (claiming ahead) leaves out
     /// the rows of its outstanding claims.
-    async fn take(&self, request: &ClaimRequest, exclude: Option<Vec<MessageId>>) -> Result<Claim> {
+    async fn take(&self, request: &ClaimRequest, exclude: Option<Vec<i64>>) -> Result<Claim> {
         let owner = request.owner.as_str();
         let owners = &self.inner.owners;
         let t = self.table();
@@ -414,10 +433,7 @@ impl MySqlStore {
             // their rows. Rows leased by an older version of this store are
             // skipped until their lease ends; a claim ahead leaves out the
             // rows still to be settled.
-            let outside = match &exclude {
-                Some(ids) if !ids.is_empty() => format!("AND m.id NOT IN ({})", marks(ids.len())),
-                _ => String::new(),
-            };
+            let outside = exclude.as_deref().map_or_else(String::new, outside);
             let sql = format!(
                 "SELECT {COLUMNS}, {NOW} AS now FROM {t} m \
                  WHERE m.{PENDING} AND m.`partition` IN ({}) \
@@ -433,8 +449,8 @@ impl MySqlStore {
             for p in &parts {
                 q = q.bind(*p);
             }
-            for id in exclude.iter().flatten() {
-                q = q.bind(id.to_string());
+            for seq in exclude.iter().flatten() {
+                q = q.bind(*seq);
             }
             if !parts.is_empty() {
                 rows = q
@@ -448,19 +464,21 @@ impl MySqlStore {
             }
         }
         tx.commit().await.map_err(err("claim"))?;
-        let messages = rows
+        let (seqs, messages): (Vec<i64>, Vec<Message>) = rows
             .iter()
-            .map(|r| Self::row_to_message(r).map(|(_, m)| m))
-            .collect::<Result<Vec<_>>>()?;
+            .map(Self::row_to_message)
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
         if !messages.is_empty() {
             owners.update(owner, |s| {
                 s.outstanding = Some((token, started + request.lease))
             });
-            let ids = messages.iter().map(|m| m.id).collect();
+            let rows = messages.iter().map(|m| m.id).zip(seqs).collect();
             // Every claim stamps its token here: the stamp is the token.
             self.inner
                 .held
-                .hold(owner, token, token, ids, exclude.is_some());
+                .hold(owner, token, token, rows, exclude.is_some());
         }
         Ok(Claim {
             lease: Lease {
@@ -537,10 +555,11 @@ impl Store for MySqlStore {
         outstanding: &Lease,
     ) -> Result<Option<Claim>> {
         let inner = &self.inner;
-        match inner.owners.ahead(&inner.held, request, outstanding) {
-            Some(exclude) => self.take(request, Some(exclude)).await.map(Some),
-            None => Ok(None),
+        if !inner.owners.may_claim_ahead(request, outstanding) {
+            return Ok(None);
         }
+        let exclude = inner.held.outstanding_seqs(request.owner.as_str());
+        self.take(request, Some(exclude)).await.map(Some)
     }
 
     async fn settle(&self, lease: &Lease, settlement: &Settlement) -> Result<SettleReport> {
@@ -567,15 +586,19 @@ impl Store for MySqlStore {
         // Partitions the owner still holds with this claim's stamp or a
         // later one of its own, by a plain read: as a subquery of the
         // statements below InnoDB would lock them, and a claim ahead
-        // stamping them meanwhile would wait for this settle.
-        let parts: Vec<i16> = sqlx::query_scalar(&format!(
-            "SELECT `partition` FROM {t}_partitions WHERE owner = ? AND claim_token >= ?"
+        // stamping them meanwhile would wait for this settle. With them,
+        // whether any key is blocked: a delivered row's entry was committed
+        // before its claim read the row, so this read sees it.
+        let parts: Vec<(i16, bool)> = sqlx::query_as(&format!(
+            "SELECT `partition`, EXISTS (SELECT 1 FROM {t}_blocked) FROM {t}_partitions \
+             WHERE owner = ? AND claim_token >= ?"
         ))
         .bind(owner)
         .bind(token)
         .fetch_all(&mut *tx)
         .await
         .map_err(err("settle"))?;
+        let blocked = parts.iter().any(|(_, b)| *b);
         if parts.is_empty() {
             tx.commit().await.map_err(err("settle"))?;
             self.inner.owners.settled(owner, lease.token.0);
@@ -584,34 +607,43 @@ impl Store for MySqlStore {
         }
         let parts = parts
             .iter()
-            .map(i16::to_string)
+            .map(|(p, _)| p.to_string())
             .collect::<Vec<_>>()
             .join(", ");
         let ours = format!("m.`partition` IN ({parts}) AND m.{PENDING}");
 
         if !s.delivered.is_empty() {
-            let ids: Vec<String> = s.delivered.iter().map(|i| i.to_string()).collect();
-            let list = marks(ids.len());
+            // By `seq`, the primary key (only_held kept the ids the claim
+            // handed out, so each has one).
+            let seqs = self.inner.held.seqs(owner, lease.token.0, &s.delivered);
+            let list = marks(seqs.len());
             let unblock = format!(
                 "DELETE b FROM {t}_blocked b JOIN {t} m ON b.key_hash = m.key_hash AND b.seq = m.seq \
-                 WHERE {ours} AND m.id IN ({list})"
+                 WHERE {ours} AND m.seq IN ({list})"
             );
             let done = if self.inner.config.keep_delivered {
-                format!("UPDATE {t} m SET m.delivered_at = {NOW}, {UNLEASE} WHERE {ours} AND m.id IN ({list})")
+                format!("UPDATE {t} m SET m.delivered_at = {NOW}, {UNLEASE} WHERE {ours} AND m.seq IN ({list})")
             } else {
-                format!("DELETE m FROM {t} m WHERE {ours} AND m.id IN ({list})")
+                format!("DELETE m FROM {t} m WHERE {ours} AND m.seq IN ({list})")
             };
-            for (i, sql) in [unblock, done].iter().enumerate() {
+            // No key blocked: nothing to unblock (the join cost a tenth of
+            // the settle).
+            let statements = if blocked {
+                vec![unblock, done]
+            } else {
+                vec![done]
+            };
+            for (i, sql) in statements.iter().enumerate() {
                 let mut q = sqlx::query(sql);
-                for id in &ids {
-                    q = q.bind(id);
+                for seq in &seqs {
+                    q = q.bind(*seq);
                 }
                 let n = q
                     .execute(&mut *tx)
                     .await
                     .map_err(err("settle"))?
                     .rows_affected();
-                if i == 1 {
+                if i + 1 == statements.len() {
                     report.delivered = n;
                 }
             }

@@ -1256,7 +1256,7 @@ impl PgStore {
             }
             None => self.inner.ahead.plain(owner, top),
         }
-        let messages: Vec<Message> = batch.into_iter().map(|(_, m)| m).collect();
+        let (seqs, messages): (Vec<i64>, Vec<Message>) = batch.into_iter().unzip();
         self.busy(!messages.is_empty()).await;
         let token = u64::try_from(token).unwrap_or(0);
         // The lease ends with the soonest of the partitions' leases (more
@@ -1268,9 +1268,9 @@ impl PgStore {
             self.inner
                 .owners
                 .update(owner, |s| s.outstanding = Some((token, started + left)));
-            let ids = messages.iter().map(|m| m.id).collect();
+            let rows = messages.iter().map(|m| m.id).zip(seqs).collect();
             let stamp = stamp.and_then(|s| u64::try_from(s).ok()).unwrap_or(0);
-            self.inner.held.hold(owner, token, stamp, ids, ahead);
+            self.inner.held.hold(owner, token, stamp, rows, ahead);
         }
         Ok(Claim {
             lease: Lease {
@@ -1476,13 +1476,12 @@ impl Store for PgStore {
         outstanding: &Lease,
     ) -> Result<Option<Claim>> {
         let inner = &self.inner;
-        match inner.owners.ahead(&inner.held, request, outstanding) {
-            Some(exclude) => {
-                let exclude = exclude.iter().map(|i| *i.as_uuid()).collect();
-                self.take(request, Some(exclude)).await.map(Some)
-            }
-            None => Ok(None),
+        if !inner.owners.may_claim_ahead(request, outstanding) {
+            return Ok(None);
         }
+        let exclude = inner.held.outstanding(request.owner.as_str());
+        let exclude = exclude.iter().map(|i| *i.as_uuid()).collect();
+        self.take(request, Some(exclude)).await.map(Some)
     }
 
     async fn settle(&self, lease: &Lease, settlement: &Settlement) -> Result<SettleReport> {

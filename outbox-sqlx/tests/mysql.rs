@@ -139,6 +139,57 @@ async fn deliver(store: &MySqlStore, request: &ClaimRequest) -> Vec<MessageId> {
     ids
 }
 
+/// Claims ahead leave out the owner's outstanding rows by `seq`, in lists
+/// of under 1,000 each: with 3,000 outstanding (three lists), the next claim
+/// ahead takes the rows after them, in order, and each settle counts its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_ahead_leaves_out_more_outstanding_rows_than_one_list_holds() {
+    let Some(pool) = pool(5).await else { return };
+    let (store, outbox) = fresh(&pool, StoreConfig::default()).await;
+    let ms: Vec<Message> = (0..4_000)
+        .map(|i| {
+            Message::builder("orders.placed", "x")
+                .key(format!("k{i}"))
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let mut tx = pool.begin().await.unwrap();
+    outbox.enqueue_batch(&mut *tx, &ms).await.unwrap();
+    tx.commit().await.unwrap();
+    let request = |limit| ClaimRequest {
+        owner: RelayId::new("ahead"),
+        limit,
+        lease: Duration::from_secs(300),
+    };
+    let ids = |c: &outbox_core::Claim| c.messages.iter().map(|m| m.id).collect::<Vec<_>>();
+    let span = |r: std::ops::Range<usize>| ms[r].iter().map(|m| m.id).collect::<Vec<_>>();
+    let first = store.claim(&request(1_500)).await.unwrap();
+    assert_eq!(ids(&first), span(0..1_500));
+    let second = store
+        .claim_ahead(&request(1_500), &first.lease)
+        .await
+        .unwrap();
+    let second = second.expect("no rebalance due yet");
+    assert_eq!(ids(&second), span(1_500..3_000));
+    // The first claim still outstanding: 3,000 rows left out.
+    let third = store
+        .claim_ahead(&request(1_500), &second.lease)
+        .await
+        .unwrap();
+    let third = third.expect("no rebalance due yet");
+    assert_eq!(ids(&third), span(3_000..4_000));
+    for c in [&first, &second, &third] {
+        let done = Settlement {
+            delivered: ids(c),
+            ..Settlement::default()
+        };
+        let report = store.settle(&c.lease, &done).await.unwrap();
+        assert_eq!(report.delivered, c.messages.len() as u64);
+    }
+    assert_eq!(count(&pool, &outbox).await, 0);
+}
+
 /// A table an older version made: its partitions have no claim token, and
 /// rows may still carry that version's row leases.
 #[tokio::test]
