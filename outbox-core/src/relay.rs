@@ -58,7 +58,8 @@ const HURRY: Duration = Duration::from_secs(1);
 #[serde(default)]
 #[non_exhaustive]
 pub struct RelayConfig {
-    /// Most messages per claim (default 500).
+    /// Most messages per claim (default 500; at most the store's
+    /// [`Store::max_claim`]).
     pub batch_size: usize,
     /// How long a claim is held before another relay may take it (default 30 s).
     pub lease: Duration,
@@ -773,9 +774,17 @@ impl Relay {
     fn request(&self) -> ClaimRequest {
         ClaimRequest {
             owner: self.id.clone(),
-            limit: self.config.batch_size,
+            limit: self.batch(),
             lease: self.config.lease,
         }
+    }
+
+    /// The batch size, within what the store hands out in one claim.
+    fn batch(&self) -> usize {
+        self.config
+            .batch_size
+            .min(self.store.max_claim().unwrap_or(usize::MAX))
+            .max(1)
     }
 
     async fn claim(&self) -> Result<Claim> {
@@ -836,7 +845,7 @@ impl Relay {
         behind: Option<Published>,
         cancel: &CancellationToken,
     ) -> Step {
-        let full = claim.messages.len() >= self.config.batch_size;
+        let full = claim.messages.len() >= self.batch();
         let carry: HashSet<String> = behind
             .as_ref()
             .map(|b| b.blocked.union(&b.inherited).cloned().collect())

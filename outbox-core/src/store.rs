@@ -242,6 +242,13 @@ pub trait Store: Send + Sync {
         Ok(None)
     }
 
+    /// Most messages one claim hands out, whatever the request's `limit`
+    /// (`None`, the default: no bound). The relay asks for no more, and
+    /// counts a claim of this many as a full batch (more is likely waiting).
+    fn max_claim(&self) -> Option<usize> {
+        None
+    }
+
     /// Claims the next batch while `outstanding`, this owner's latest claim,
     /// is still being published (claim ahead), so that the database works
     /// while the broker does. `None` means "not now": the relay settles
@@ -334,6 +341,9 @@ pub trait Purge: Send + Sync {
 impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     fn name(&self) -> &str {
         (**self).name()
+    }
+    fn max_claim(&self) -> Option<usize> {
+        (**self).max_claim()
     }
     async fn claim(&self, request: &ClaimRequest) -> Result<Claim> {
         (**self).claim(request).await

@@ -962,3 +962,67 @@ async fn a_running_relay_claims_ahead_and_stops_with_nothing_leased() {
     running.stop().await;
     assert_eq!(store.leased(), 0, "nothing stays leased after a stop");
 }
+
+/// A store that hands out at most 3 messages per claim (as `MySqlStore`
+/// bounds its claims), recording the limits it was asked for.
+struct Capped(Arc<MemoryStore>, Mutex<Vec<usize>>);
+
+#[async_trait]
+impl Store for Capped {
+    fn name(&self) -> &str {
+        "capped"
+    }
+    fn max_claim(&self) -> Option<usize> {
+        Some(3)
+    }
+    async fn claim(
+        &self,
+        r: &outbox_core::ClaimRequest,
+    ) -> outbox_core::Result<outbox_core::Claim> {
+        self.1.lock().unwrap().push(r.limit);
+        self.0.claim(r).await
+    }
+    async fn claim_ahead(
+        &self,
+        r: &outbox_core::ClaimRequest,
+        outstanding: &outbox_core::Lease,
+    ) -> outbox_core::Result<Option<outbox_core::Claim>> {
+        self.1.lock().unwrap().push(r.limit);
+        self.0.claim_ahead(r, outstanding).await
+    }
+    async fn settle(
+        &self,
+        l: &outbox_core::Lease,
+        s: &outbox_core::Settlement,
+    ) -> outbox_core::Result<outbox_core::SettleReport> {
+        self.0.settle(l, s).await
+    }
+}
+
+/// A batch size above the store's `max_claim` asks for no more than it
+/// hands out, and a claim of that many counts as full: the relay claims
+/// ahead after it as after a full batch.
+#[tokio::test(start_paused = true)]
+async fn a_claim_of_the_stores_most_is_a_full_batch() {
+    let mem = Arc::new(MemoryStore::with_options(
+        StoreOptions::default().claim_ahead(true),
+    ));
+    mem.enqueue((0..30).map(|i| msg(Some(&format!("k{i}")))))
+        .unwrap();
+    let capped = Arc::new(Capped(mem.clone(), Mutex::default()));
+    let rec = RecordingTransport::new();
+    let relay = Relay::builder(capped.clone(), Arc::new(rec.clone()))
+        .batch_size(10)
+        .build()
+        .unwrap();
+    let running = relay.spawn();
+    assert_eq!(rec.wait_for(30, Duration::from_secs(60)).await, 30);
+    running.stop().await;
+    let limits = capped.1.lock().unwrap().clone();
+    assert!(limits.iter().all(|l| *l == 3), "asked for {limits:?}");
+    assert!(
+        mem.claims_ahead() >= 5,
+        "{} claims ahead",
+        mem.claims_ahead()
+    );
+}

@@ -229,7 +229,14 @@ impl Enqueue for MySqlConnection {
     }
 }
 
-/// The relay-side store on MySQL / MariaDB. Cheap to clone.
+/// Most rows a [`MySqlStore`] claim hands out, whatever the relay's batch
+/// size: a statement takes at most 65,535 parameters, and a claim ahead
+/// binds the `seq` of every outstanding row (two claims), a settle of
+/// retries three per row.
+pub const MAX_CLAIM: usize = 20_000;
+
+/// The relay-side store on MySQL / MariaDB. Cheap to clone. A claim hands
+/// out at most [`MAX_CLAIM`] rows.
 #[derive(Clone)]
 pub struct MySqlStore {
     inner: Arc<Inner>,
@@ -454,7 +461,7 @@ impl MySqlStore {
             }
             if !parts.is_empty() {
                 rows = q
-                    .bind(i64::try_from(request.limit).unwrap_or(i64::MAX))
+                    .bind(i64::try_from(request.limit.min(MAX_CLAIM)).unwrap_or(0))
                     .fetch_all(&mut *tx)
                     .await
                     .map_err(err("claim"))?;
@@ -539,6 +546,10 @@ impl MySqlStore {
 impl Store for MySqlStore {
     fn name(&self) -> &str {
         ENGINE
+    }
+
+    fn max_claim(&self) -> Option<usize> {
+        Some(MAX_CLAIM)
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Claim> {

@@ -190,6 +190,69 @@ async fn a_claim_ahead_leaves_out_more_outstanding_rows_than_one_list_holds() {
     assert_eq!(count(&pool, &outbox).await, 0);
 }
 
+/// A claim hands out at most `MAX_CLAIM` rows whatever the batch size, so
+/// that every statement stays within MySQL's 65,535 parameters: a claim
+/// ahead of a full claim, a settle of every row as a retry and one of
+/// every row as delivered all go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_a_statement_holds_is_claimed_in_parts() {
+    use outbox_sqlx::mysql::MAX_CLAIM;
+    let Some(pool) = pool(5).await else { return };
+    let (store, outbox) = fresh(&pool, StoreConfig::default()).await;
+    let total = 2 * MAX_CLAIM + 5_000;
+    let ms: Vec<Message> = (0..total)
+        .map(|i| {
+            Message::builder("orders.placed", "x")
+                .key(format!("k{i}"))
+                .build()
+                .unwrap()
+        })
+        .collect();
+    outbox
+        .enqueue_batch(&mut *pool.acquire().await.unwrap(), &ms)
+        .await
+        .unwrap();
+    let request = ClaimRequest {
+        owner: RelayId::new("big"),
+        limit: 100_000,
+        lease: Duration::from_secs(300),
+    };
+    let first = store.claim(&request).await.unwrap();
+    assert_eq!(first.messages.len(), MAX_CLAIM);
+    let retry = Settlement {
+        retries: first
+            .messages
+            .iter()
+            .map(|m| outbox_core::Retry {
+                id: m.id,
+                error: "try again".into(),
+                delay: Duration::ZERO,
+            })
+            .collect(),
+        ..Settlement::default()
+    };
+    let report = store.settle(&first.lease, &retry).await.unwrap();
+    assert_eq!(report.rescheduled, MAX_CLAIM as u64);
+    // Two full claims outstanding: the third binds 40,000 `seq`s.
+    let c1 = store.claim(&request).await.unwrap();
+    let c2 = store.claim_ahead(&request, &c1.lease).await.unwrap();
+    let c2 = c2.expect("no rebalance due yet");
+    let c3 = store.claim_ahead(&request, &c2.lease).await.unwrap();
+    let c3 = c3.expect("no rebalance due yet");
+    let sizes = [&c1, &c2, &c3].map(|c| c.messages.len());
+    assert_eq!(sizes, [MAX_CLAIM, MAX_CLAIM, total - 2 * MAX_CLAIM]);
+    let mut delivered = 0;
+    for c in [&c1, &c2, &c3] {
+        let done = Settlement {
+            delivered: c.messages.iter().map(|m| m.id).collect(),
+            ..Settlement::default()
+        };
+        delivered += store.settle(&c.lease, &done).await.unwrap().delivered;
+    }
+    assert_eq!(delivered, total as u64);
+    assert_eq!(count(&pool, &outbox).await, 0);
+}
+
 /// A table an older version made: its partitions have no claim token, and
 /// rows may still carry that version's row leases.
 #[tokio::test]
