@@ -22,7 +22,9 @@ pub mod testing;
 
 pub use error::{Error, ErrorKind, Result, ValidationError};
 pub use message::{Headers, Message, MessageBuilder, MessageId};
-pub use relay::{Relay, RelayBuilder, RelayConfig, RelayReport, RunningRelay, StateName};
+pub use relay::{
+    Relay, RelayBuilder, RelayConfig, RelayReport, RunningRelay, StateName, MAX_ERROR_TEXT,
+};
 pub use retention::Retention;
 pub use retry::RetryPolicy;
 pub use router::{Route, Router, RouterBuilder};

@@ -53,6 +53,27 @@ use crate::transport::{missing_result, Transport};
 /// writing to the outbox costs a bounded number of looks (200 at 5 ms).
 const HURRY: Duration = Duration::from_secs(1);
 
+/// Most bytes of an error's text a relay records as a message's last
+/// error: a broker's message can be long, a settle of a whole batch of
+/// failures carries one per message, and a store's column may be bounded
+/// (MySQL `TEXT`: 65,535 bytes, and a settle that does not fit fails every
+/// time).
+pub const MAX_ERROR_TEXT: usize = 2_048;
+
+/// `e`'s text, cut to [`MAX_ERROR_TEXT`] bytes at a character boundary.
+fn error_text(e: &Error) -> String {
+    let mut text = e.to_string();
+    if text.len() > MAX_ERROR_TEXT {
+        let mut end = MAX_ERROR_TEXT - '…'.len_utf8();
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
 /// Relay settings. Build them with [`RelayBuilder`]; every field has a default.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
@@ -177,7 +198,7 @@ impl RelayBuilder {
         self.config = config;
         self
     }
-    /// Most messages per claim.
+    /// Most messages per claim (at most the store's [`Store::max_claim`]).
     pub fn batch_size(mut self, n: usize) -> Self {
         self.config.batch_size = n;
         self
@@ -1063,7 +1084,7 @@ impl Relay {
             warn!(id = %m.id, topic = %m.topic, attempts = failed, error = %e, "dead-lettering message");
             settlement.dead.push(Failure {
                 id: m.id,
-                error: e.to_string(),
+                error: error_text(e),
             });
         } else {
             let delay = self.config.retry.delay(failed);
@@ -1071,7 +1092,7 @@ impl Relay {
             settlement.retries.push(Retry {
                 id: m.id,
                 delay,
-                error: e.to_string(),
+                error: error_text(e),
             });
         }
     }

@@ -1026,3 +1026,50 @@ async fn a_claim_of_the_stores_most_is_a_full_batch() {
         mem.claims_ahead()
     );
 }
+
+/// Fails every message for good with a 100,000-byte error text.
+struct Wordy;
+
+#[async_trait]
+impl Transport for Wordy {
+    fn name(&self) -> &str {
+        "wordy"
+    }
+    async fn publish_batch(&self, messages: &[Message]) -> Vec<PublishResult> {
+        let text = "é".repeat(50_000);
+        messages
+            .iter()
+            .map(|_| {
+                Err(outbox_core::Error::permanent(
+                    outbox_core::ErrorKind::Rejected,
+                    text.clone(),
+                ))
+            })
+            .collect()
+    }
+}
+
+/// A long error text is cut to `MAX_ERROR_TEXT` bytes (at a character
+/// boundary) before it goes to the store: a settle of a batch of failures
+/// carries one per message, and a store's column may be bounded.
+#[tokio::test(start_paused = true)]
+async fn a_long_error_text_is_cut_before_it_is_recorded() {
+    let store = Arc::new(MemoryStore::new());
+    store.enqueue([msg(Some("a")), msg(None)]).unwrap();
+    let relay = Relay::builder(store.clone(), Arc::new(Wordy))
+        .build()
+        .unwrap();
+    let report = relay.relay_once().await.unwrap();
+    assert_eq!(report.dead_lettered, 2);
+    let dead = store.list_dead(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 2);
+    for d in dead {
+        assert!(
+            d.error.len() <= outbox_core::MAX_ERROR_TEXT,
+            "{}",
+            d.error.len()
+        );
+        assert!(d.error.len() > outbox_core::MAX_ERROR_TEXT - 8);
+        assert!(d.error.ends_with("éé…"), "cut at a character boundary");
+    }
+}

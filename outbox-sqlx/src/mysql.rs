@@ -191,49 +191,97 @@ impl sealed::Sealed for MySqlConnection {}
 impl Enqueue for MySqlConnection {
     async fn insert(&mut self, outbox: &Outbox, messages: &[Message]) -> Result<()> {
         let t = outbox.table_name().qualified("");
-        let rows = vec!["(?, ?, ?, ?, ?, ?, ?)"; messages.len()].join(", ");
-        let sql = format!(
-            "INSERT INTO {t} (id, topic, msg_key, payload, headers, created_at, not_before) VALUES {rows}"
-        );
-        let mut q = sqlx::query(&sql);
-        for m in messages {
-            q = q
-                .bind(m.id.to_string())
-                .bind(m.topic.as_str())
-                .bind(m.key.as_deref())
-                .bind(m.payload.as_ref())
-                .bind(serde_json::to_string(&m.headers).unwrap_or_else(|_| "{}".into()))
-                .bind(utc(m.created_at))
-                .bind(m.not_before.map(utc));
-        }
-        q.execute(&mut *self).await.map_err(err("enqueue"))?;
         // A delayed keyed message holds back later messages of its key.
         let delayed: Vec<String> = messages
             .iter()
             .filter(|m| m.key.is_some() && m.not_before.is_some())
             .map(|m| m.id.to_string())
             .collect();
-        if !delayed.is_empty() {
-            let sql = format!(
-                "INSERT IGNORE INTO {t}_blocked (key_hash, seq) SELECT key_hash, seq FROM {t} \
-                 WHERE id IN ({})",
-                marks(delayed.len())
-            );
-            let mut q = sqlx::query(&sql);
-            for id in &delayed {
-                q = q.bind(id);
-            }
-            q.execute(&mut *self).await.map_err(err("enqueue"))?;
+        if delayed.is_empty() || in_transaction(self).await? {
+            return write(self, &t, messages, &delayed).await;
         }
-        Ok(())
+        // Its row and the entry that holds the key back commit together:
+        // a relay that saw the row alone could hand out a later message of
+        // the key first, or settle the row and leave the entry behind,
+        // holding the key back for good. Without a transaction open
+        // (autocommit), they get one of their own.
+        let mut tx = sqlx::Connection::begin(&mut *self)
+            .await
+            .map_err(err("enqueue"))?;
+        write(&mut tx, &t, messages, &delayed).await?;
+        tx.commit().await.map_err(err("enqueue"))
     }
 }
 
+/// MySQL's `ER_SP_DOES_NOT_EXIST`: "SAVEPOINT ... does not exist".
+const NO_SUCH_SAVEPOINT: u16 = 1305;
+
+/// Whether `conn` has a transaction open, begun by sqlx or by hand (or
+/// implicitly, with `autocommit` off). Outside one, `RELEASE SAVEPOINT`
+/// finds no savepoint (error 1305) on MySQL and MariaDB alike; inside, the
+/// pair changes nothing.
+async fn in_transaction(conn: &mut MySqlConnection) -> Result<bool> {
+    sqlx::Executor::execute(&mut *conn, "SAVEPOINT outbox_sqlx_probe")
+        .await
+        .map_err(err("enqueue"))?;
+    match sqlx::Executor::execute(&mut *conn, "RELEASE SAVEPOINT outbox_sqlx_probe").await {
+        Ok(_) => Ok(true),
+        Err(sqlx::Error::Database(e))
+            if e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                .is_some_and(|e| e.number() == NO_SUCH_SAVEPOINT) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(err("enqueue")(e)),
+    }
+}
+
+/// The rows of `messages`, and the entries of the `delayed` ones (ids).
+async fn write(
+    conn: &mut MySqlConnection,
+    t: &str,
+    messages: &[Message],
+    delayed: &[String],
+) -> Result<()> {
+    let rows = vec!["(?, ?, ?, ?, ?, ?, ?)"; messages.len()].join(", ");
+    let sql = format!(
+        "INSERT INTO {t} (id, topic, msg_key, payload, headers, created_at, not_before) VALUES {rows}"
+    );
+    let mut q = sqlx::query(&sql);
+    for m in messages {
+        q = q
+            .bind(m.id.to_string())
+            .bind(m.topic.as_str())
+            .bind(m.key.as_deref())
+            .bind(m.payload.as_ref())
+            .bind(serde_json::to_string(&m.headers).unwrap_or_else(|_| "{}".into()))
+            .bind(utc(m.created_at))
+            .bind(m.not_before.map(utc));
+    }
+    q.execute(&mut *conn).await.map_err(err("enqueue"))?;
+    if !delayed.is_empty() {
+        let sql = format!(
+            "INSERT IGNORE INTO {t}_blocked (key_hash, seq) SELECT key_hash, seq FROM {t} \
+             WHERE id IN ({})",
+            marks(delayed.len())
+        );
+        let mut q = sqlx::query(&sql);
+        for id in delayed {
+            q = q.bind(id);
+        }
+        q.execute(&mut *conn).await.map_err(err("enqueue"))?;
+    }
+    Ok(())
+}
+
 /// Most rows a [`MySqlStore`] claim hands out, whatever the relay's batch
-/// size: a statement takes at most 65,535 parameters, and a claim ahead
-/// binds the `seq` of every outstanding row (two claims), a settle of
-/// retries three per row.
+/// size: a statement takes at most [`MAX_PARAMETERS`], and a claim ahead
+/// binds the `seq` of every outstanding row (two claims while the relay
+/// settles one and publishes the other), a settle of retries three per row.
 pub const MAX_CLAIM: usize = 20_000;
+
+/// Most parameters one MySQL statement takes.
+const MAX_PARAMETERS: usize = 65_535;
 
 /// The relay-side store on MySQL / MariaDB. Cheap to clone. A claim hands
 /// out at most [`MAX_CLAIM`] rows.
@@ -246,7 +294,8 @@ struct Inner {
     pool: MySqlPool,
     config: StoreConfig,
     owners: Owners,
-    /// Per owner: the ids its outstanding claim handed out.
+    /// Per owner: the rows (ids and `seq`s) its outstanding claims handed
+    /// out.
     held: Held,
     wakeup: Notify,
 }
@@ -570,6 +619,12 @@ impl Store for MySqlStore {
             return Ok(None);
         }
         let exclude = inner.held.outstanding_seqs(request.owner.as_str());
+        // Binding them all (with the partitions and the limit) would go
+        // past a statement's parameters: not now (the relay holds two
+        // claims at most, 40,000 rows).
+        if exclude.len() > MAX_PARAMETERS - PARTITIONS as usize - 1 {
+            return Ok(None);
+        }
         self.take(request, Some(exclude)).await.map(Some)
     }
 
@@ -623,10 +678,10 @@ impl Store for MySqlStore {
             .join(", ");
         let ours = format!("m.`partition` IN ({parts}) AND m.{PENDING}");
 
-        if !s.delivered.is_empty() {
-            // By `seq`, the primary key (only_held kept the ids the claim
-            // handed out, so each has one).
-            let seqs = self.inner.held.seqs(owner, lease.token.0, &s.delivered);
+        // By `seq`, the primary key (only_held kept the ids the claim handed
+        // out, so each has one while the claim is held).
+        let seqs = self.inner.held.seqs(owner, lease.token.0, &s.delivered);
+        if !seqs.is_empty() {
             let list = marks(seqs.len());
             let unblock = format!(
                 "DELETE b FROM {t}_blocked b JOIN {t} m ON b.key_hash = m.key_hash AND b.seq = m.seq \

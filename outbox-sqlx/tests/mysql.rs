@@ -199,6 +199,7 @@ async fn a_batch_larger_than_a_statement_holds_is_claimed_in_parts() {
     use outbox_sqlx::mysql::MAX_CLAIM;
     let Some(pool) = pool(5).await else { return };
     let (store, outbox) = fresh(&pool, StoreConfig::default()).await;
+    assert_eq!(store.max_claim(), Some(MAX_CLAIM), "the relay is told");
     let total = 2 * MAX_CLAIM + 5_000;
     let ms: Vec<Message> = (0..total)
         .map(|i| {
@@ -233,12 +234,30 @@ async fn a_batch_larger_than_a_statement_holds_is_claimed_in_parts() {
     };
     let report = store.settle(&first.lease, &retry).await.unwrap();
     assert_eq!(report.rescheduled, MAX_CLAIM as u64);
-    // Two full claims outstanding: the third binds 40,000 `seq`s.
-    let c1 = store.claim(&request).await.unwrap();
-    let c2 = store.claim_ahead(&request, &c1.lease).await.unwrap();
-    let c2 = c2.expect("no rebalance due yet");
-    let c3 = store.claim_ahead(&request, &c2.lease).await.unwrap();
-    let c3 = c3.expect("no rebalance due yet");
+    // Two full claims outstanding: the third binds 40,000 `seq`s. A
+    // rebalance falls due once a second and refuses a claim ahead: on a slow
+    // machine it can come between these; then they go back and start over.
+    let mut chain = None;
+    for _ in 0..5 {
+        let c1 = store.claim(&request).await.unwrap();
+        let c2 = store.claim_ahead(&request, &c1.lease).await.unwrap();
+        let c3 = match &c2 {
+            Some(c2) => store.claim_ahead(&request, &c2.lease).await.unwrap(),
+            None => None,
+        };
+        if let (Some(c2), Some(c3)) = (&c2, c3) {
+            chain = Some((c1, c2.clone(), c3));
+            break;
+        }
+        for c in std::iter::once(&c1).chain(c2.as_ref()) {
+            let back = Settlement {
+                released: c.messages.iter().map(|m| m.id).collect(),
+                ..Settlement::default()
+            };
+            store.settle(&c.lease, &back).await.unwrap();
+        }
+    }
+    let (c1, c2, c3) = chain.expect("every try met a rebalance");
     let sizes = [&c1, &c2, &c3].map(|c| c.messages.len());
     assert_eq!(sizes, [MAX_CLAIM, MAX_CLAIM, total - 2 * MAX_CLAIM]);
     let mut delivered = 0;
@@ -251,6 +270,46 @@ async fn a_batch_larger_than_a_statement_holds_is_claimed_in_parts() {
     }
     assert_eq!(delivered, total as u64);
     assert_eq!(count(&pool, &outbox).await, 0);
+}
+
+/// A delayed keyed message's row and the entry that holds its key back
+/// commit together. Inside a transaction (begun by sqlx or by hand) the
+/// enqueue takes none of its own: a rollback leaves nothing. Without one
+/// (autocommit) it takes one: when the entry's insert fails, no row stays.
+#[tokio::test]
+async fn a_delayed_keyed_message_and_its_entry_commit_together() {
+    let Some(pool) = pool(3).await else { return };
+    let (_store, outbox) = fresh(&pool, StoreConfig::default()).await;
+    let t = outbox.table_name().to_string();
+    let delayed = || {
+        Message::builder("orders.placed", "x")
+            .key("k")
+            .delay(Duration::from_secs(60))
+            .build()
+            .unwrap()
+    };
+    let blocked = || async {
+        sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM {t}_blocked"))
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
+    outbox.enqueue(&mut *conn, &delayed()).await.unwrap();
+    sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    outbox.enqueue(&mut *tx, &delayed()).await.unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!((count(&pool, &outbox).await, blocked().await), (0, 0));
+    outbox.enqueue(&mut *conn, &delayed()).await.unwrap();
+    assert_eq!((count(&pool, &outbox).await, blocked().await), (1, 1));
+    sqlx::query(&format!("DROP TABLE {t}_blocked"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(outbox.enqueue(&mut *conn, &delayed()).await.is_err());
+    assert_eq!(count(&pool, &outbox).await, 1, "no row without its entry");
 }
 
 /// A table an older version made: its partitions have no claim token, and
