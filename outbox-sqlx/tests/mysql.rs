@@ -139,6 +139,19 @@ async fn deliver(store: &MySqlStore, request: &ClaimRequest) -> Vec<MessageId> {
     ids
 }
 
+/// `n` messages, each with a key of its own (in `seq` order, nothing holds
+/// one back).
+fn keys_of_their_own(n: usize) -> Vec<Message> {
+    (0..n)
+        .map(|i| {
+            Message::builder("orders.placed", "x")
+                .key(format!("k{i}"))
+                .build()
+                .unwrap()
+        })
+        .collect()
+}
+
 /// Claims ahead leave out the owner's outstanding rows by `seq`, in lists
 /// of under 1,000 each: with 3,000 outstanding (three lists), the next claim
 /// ahead takes the rows after them, in order, and each settle counts its own.
@@ -146,14 +159,7 @@ async fn deliver(store: &MySqlStore, request: &ClaimRequest) -> Vec<MessageId> {
 async fn a_claim_ahead_leaves_out_more_outstanding_rows_than_one_list_holds() {
     let Some(pool) = pool(5).await else { return };
     let (store, outbox) = fresh(&pool, StoreConfig::default()).await;
-    let ms: Vec<Message> = (0..4_000)
-        .map(|i| {
-            Message::builder("orders.placed", "x")
-                .key(format!("k{i}"))
-                .build()
-                .unwrap()
-        })
-        .collect();
+    let ms = keys_of_their_own(4_000);
     let mut tx = pool.begin().await.unwrap();
     outbox.enqueue_batch(&mut *tx, &ms).await.unwrap();
     tx.commit().await.unwrap();
@@ -201,14 +207,7 @@ async fn a_batch_larger_than_a_statement_holds_is_claimed_in_parts() {
     let (store, outbox) = fresh(&pool, StoreConfig::default()).await;
     assert_eq!(store.max_claim(), Some(MAX_CLAIM), "the relay is told");
     let total = 2 * MAX_CLAIM + 5_000;
-    let ms: Vec<Message> = (0..total)
-        .map(|i| {
-            Message::builder("orders.placed", "x")
-                .key(format!("k{i}"))
-                .build()
-                .unwrap()
-        })
-        .collect();
+    let ms = keys_of_their_own(total);
     outbox
         .enqueue_batch(&mut *pool.acquire().await.unwrap(), &ms)
         .await
