@@ -283,6 +283,23 @@ pub const MAX_CLAIM: usize = 20_000;
 /// Most parameters one MySQL statement takes.
 const MAX_PARAMETERS: usize = 65_535;
 
+/// Most retries or dead letters one settle statement records, each with
+/// its error text (at most [`outbox_core::MAX_ERROR_TEXT`] bytes): the
+/// statement stays within a few MiB, under `max_allowed_packet` (16 MiB by
+/// default on MariaDB).
+const ERRORS_PER_STATEMENT: usize = 1_000;
+
+/// `text` cut to [`outbox_core::MAX_ERROR_TEXT`] bytes at a character
+/// boundary (the relay cuts it already; a store called directly may get
+/// more, and `last_error` is a `TEXT` column: 65,535 bytes).
+fn bounded(text: &str) -> &str {
+    let mut end = text.len().min(outbox_core::MAX_ERROR_TEXT);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.get(..end).unwrap_or(text)
+}
+
 /// The relay-side store on MySQL / MariaDB. Cheap to clone. A claim hands
 /// out at most [`MAX_CLAIM`] rows.
 #[derive(Clone)]
@@ -742,25 +759,27 @@ impl Store for MySqlStore {
                 q = q.bind(id);
             }
             q.execute(&mut *tx).await.map_err(err("settle"))?;
-            let update = format!(
-                "UPDATE {t} m JOIN ({}) x ON m.id = x.id \
-                 SET m.attempts = m.attempts + 1, m.last_error = x.err, \
-                   m.not_before = {NOW} + INTERVAL x.delay MICROSECOND, {UNLEASE} \
-                 WHERE {ours}",
-                rows_of(s.retries.len(), &["id", "err", "delay"])
-            );
-            let mut q = sqlx::query(&update);
-            for r in &s.retries {
-                q = q
-                    .bind(r.id.to_string())
-                    .bind(r.error.as_str())
-                    .bind(micros(r.delay));
+            for part in s.retries.chunks(ERRORS_PER_STATEMENT) {
+                let update = format!(
+                    "UPDATE {t} m JOIN ({}) x ON m.id = x.id \
+                     SET m.attempts = m.attempts + 1, m.last_error = x.err, \
+                       m.not_before = {NOW} + INTERVAL x.delay MICROSECOND, {UNLEASE} \
+                     WHERE {ours}",
+                    rows_of(part.len(), &["id", "err", "delay"])
+                );
+                let mut q = sqlx::query(&update);
+                for r in part {
+                    q = q
+                        .bind(r.id.to_string())
+                        .bind(bounded(&r.error))
+                        .bind(micros(r.delay));
+                }
+                report.rescheduled += q
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err("settle"))?
+                    .rows_affected();
             }
-            report.rescheduled = q
-                .execute(&mut *tx)
-                .await
-                .map_err(err("settle"))?
-                .rows_affected();
         }
 
         if !s.dead.is_empty() {
@@ -783,21 +802,23 @@ impl Store for MySqlStore {
                 q = q.bind(id);
             }
             q.execute(&mut *tx).await.map_err(err("settle"))?;
-            let update = format!(
-                "UPDATE {t} m JOIN ({}) x ON m.id = x.id \
-                 SET m.attempts = m.attempts + 1, m.last_error = x.err, m.dead_at = {NOW}, {UNLEASE} \
-                 WHERE {ours}",
-                rows_of(s.dead.len(), &["id", "err"])
-            );
-            let mut q = sqlx::query(&update);
-            for f in &s.dead {
-                q = q.bind(f.id.to_string()).bind(f.error.as_str());
+            for part in s.dead.chunks(ERRORS_PER_STATEMENT) {
+                let update = format!(
+                    "UPDATE {t} m JOIN ({}) x ON m.id = x.id \
+                     SET m.attempts = m.attempts + 1, m.last_error = x.err, m.dead_at = {NOW}, {UNLEASE} \
+                     WHERE {ours}",
+                    rows_of(part.len(), &["id", "err"])
+                );
+                let mut q = sqlx::query(&update);
+                for f in part {
+                    q = q.bind(f.id.to_string()).bind(bounded(&f.error));
+                }
+                report.dead_lettered += q
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err("settle"))?
+                    .rows_affected();
             }
-            report.dead_lettered = q
-                .execute(&mut *tx)
-                .await
-                .map_err(err("settle"))?
-                .rows_affected();
         }
 
         if !s.released.is_empty() {

@@ -271,6 +271,62 @@ async fn a_batch_larger_than_a_statement_holds_is_claimed_in_parts() {
     assert_eq!(count(&pool, &outbox).await, 0);
 }
 
+/// A settle records every failure's error text, cut to `MAX_ERROR_TEXT`
+/// bytes (a `TEXT` column holds 65,535), in statements of a bounded size:
+/// 9,000 dead letters (cut to 18 MB of text, over MariaDB's 16 MiB
+/// `max_allowed_packet` as one statement) and retries with 70,000-byte
+/// texts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_error_texts_are_cut_and_many_failures_settle_in_parts() {
+    let Some(pool) = pool(3).await else { return };
+    let (store, outbox) = fresh(&pool, StoreConfig::default()).await;
+    let ms = keys_of_their_own(9_100);
+    outbox
+        .enqueue_batch(&mut *pool.acquire().await.unwrap(), &ms)
+        .await
+        .unwrap();
+    let request = ClaimRequest {
+        owner: RelayId::new("failing"),
+        limit: 9_100,
+        lease: Duration::from_secs(300),
+    };
+    let claim = store.claim(&request).await.unwrap();
+    assert_eq!(claim.messages.len(), 9_100);
+    let (dead, retried) = claim.messages.split_at(9_000);
+    let failed = Settlement {
+        dead: dead
+            .iter()
+            .map(|m| outbox_core::Failure {
+                id: m.id,
+                error: "d".repeat(4_000),
+            })
+            .collect(),
+        retries: retried
+            .iter()
+            .map(|m| outbox_core::Retry {
+                id: m.id,
+                error: "é".repeat(35_000),
+                delay: Duration::from_secs(60),
+            })
+            .collect(),
+        ..Settlement::default()
+    };
+    let report = store.settle(&claim.lease, &failed).await.unwrap();
+    assert_eq!((report.dead_lettered, report.rescheduled), (9_000, 100));
+    let lengths: Vec<(i64, i64)> = sqlx::query_as(&format!(
+        "SELECT MIN(LENGTH(last_error)), MAX(LENGTH(last_error)) FROM {}",
+        outbox.table_name()
+    ))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let most = outbox_core::MAX_ERROR_TEXT as i64;
+    assert!(
+        lengths.iter().all(|(lo, hi)| *lo > most - 4 && *hi <= most),
+        "{lengths:?}"
+    );
+}
+
 /// A delayed keyed message's row and the entry that holds its key back
 /// commit together. Inside a transaction (begun by sqlx or by hand) the
 /// enqueue takes none of its own: a rollback leaves nothing. Without one
