@@ -236,6 +236,13 @@ async fn in_transaction(conn: &mut MySqlConnection) -> Result<bool> {
     }
 }
 
+/// Most bytes of messages (payloads, headers, keys, topics) one insert
+/// carries: a statement's parameters travel in one packet, and the server
+/// drops a connection whose packet exceeds `max_allowed_packet` (16 MiB by
+/// default on MariaDB, 64 MiB on MySQL 8). A message larger than this goes
+/// alone.
+const INSERT_BYTES: usize = 8 * 1024 * 1024;
+
 /// The rows of `messages`, and the entries of the `delayed` ones (ids).
 async fn write(
     conn: &mut MySqlConnection,
@@ -243,22 +250,40 @@ async fn write(
     messages: &[Message],
     delayed: &[String],
 ) -> Result<()> {
-    let rows = vec!["(?, ?, ?, ?, ?, ?, ?)"; messages.len()].join(", ");
-    let sql = format!(
-        "INSERT INTO {t} (id, topic, msg_key, payload, headers, created_at, not_before) VALUES {rows}"
-    );
-    let mut q = sqlx::query(&sql);
-    for m in messages {
-        q = q
-            .bind(m.id.to_string())
-            .bind(m.topic.as_str())
-            .bind(m.key.as_deref())
-            .bind(m.payload.as_ref())
-            .bind(serde_json::to_string(&m.headers).unwrap_or_else(|_| "{}".into()))
-            .bind(utc(m.created_at))
-            .bind(m.not_before.map(utc));
+    let headers: Vec<String> = messages
+        .iter()
+        .map(|m| serde_json::to_string(&m.headers).unwrap_or_else(|_| "{}".into()))
+        .collect();
+    let size = |i: usize| {
+        let m = &messages[i];
+        m.payload.len() + headers[i].len() + m.topic.len() + m.key.as_ref().map_or(0, String::len)
+    };
+    let mut start = 0;
+    while start < messages.len() {
+        let (mut end, mut bytes) = (start, 0);
+        while end < messages.len() && (end == start || bytes + size(end) <= INSERT_BYTES) {
+            bytes += size(end);
+            end += 1;
+        }
+        let rows = vec!["(?, ?, ?, ?, ?, ?, ?)"; end - start].join(", ");
+        let sql = format!(
+            "INSERT INTO {t} (id, topic, msg_key, payload, headers, created_at, not_before) \
+             VALUES {rows}"
+        );
+        let mut q = sqlx::query(&sql);
+        for (m, h) in messages[start..end].iter().zip(&headers[start..end]) {
+            q = q
+                .bind(m.id.to_string())
+                .bind(m.topic.as_str())
+                .bind(m.key.as_deref())
+                .bind(m.payload.as_ref())
+                .bind(h.as_str())
+                .bind(utc(m.created_at))
+                .bind(m.not_before.map(utc));
+        }
+        q.execute(&mut *conn).await.map_err(err("enqueue"))?;
+        start = end;
     }
-    q.execute(&mut *conn).await.map_err(err("enqueue"))?;
     if !delayed.is_empty() {
         let sql = format!(
             "INSERT IGNORE INTO {t}_blocked (key_hash, seq) SELECT key_hash, seq FROM {t} \

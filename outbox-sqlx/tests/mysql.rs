@@ -327,6 +327,28 @@ async fn long_error_texts_are_cut_and_many_failures_settle_in_parts() {
     );
 }
 
+/// A batch of messages at the largest payload (1 MiB each, 24 MiB in all)
+/// is written in statements under MariaDB's 16 MiB `max_allowed_packet`:
+/// as one statement the server dropped the connection.
+#[tokio::test]
+async fn a_batch_of_the_largest_payloads_is_written_in_parts() {
+    let Some(pool) = pool(3).await else { return };
+    let (_store, outbox) = fresh(&pool, StoreConfig::default()).await;
+    let payload = vec![7u8; outbox_core::limits::DEFAULT_MAX_PAYLOAD];
+    let ms: Vec<Message> = (0..24)
+        .map(|i| {
+            Message::builder("orders.placed", payload.clone())
+                .key(format!("k{i}"))
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let mut tx = pool.begin().await.unwrap();
+    outbox.enqueue_batch(&mut *tx, &ms).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(count(&pool, &outbox).await, 24);
+}
+
 /// A delayed keyed message's row and the entry that holds its key back
 /// commit together. Inside a transaction (begun by sqlx or by hand) the
 /// enqueue takes none of its own: a rollback leaves nothing. Without one
