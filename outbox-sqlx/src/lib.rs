@@ -118,9 +118,9 @@ impl Outbox {
             .map(|ids| ids.into_iter().next().unwrap_or(message.id))
     }
 
-    /// Writes many messages in one statement (per 5,000 rows; on MySQL also
-    /// per 8 MiB of messages, within the server's `max_allowed_packet`) on
-    /// the caller's connection or transaction. All are validated before any
+    /// Writes many messages in one statement (per 5,000 rows or 64 MiB of
+    /// payloads; on MySQL per 8 MiB, within the server's
+    /// `max_allowed_packet`) on the caller's connection or transaction. All are validated before any
     /// SQL runs. In a transaction they commit together; on a connection
     /// without one, each statement commits by itself.
     pub async fn enqueue_batch<C>(
@@ -137,7 +137,7 @@ impl Outbox {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
-        for chunk in messages.chunks(ENQUEUE_CHUNK) {
+        for chunk in statements(messages) {
             conn.insert(self, chunk).await?;
         }
         Ok(messages.iter().map(|m| m.id).collect())
@@ -159,6 +159,35 @@ impl Outbox {
 /// Rows per INSERT statement (keeps bind parameter counts within every
 /// engine's limit).
 const ENQUEUE_CHUNK: usize = 5_000;
+
+/// Payload bytes per INSERT statement: PostgreSQL refuses a parameter of
+/// 1 GiB or more (the payloads travel as one array), SQLite a string of
+/// 1 GB (the rows travel as one JSON text).
+const ENQUEUE_BYTES: usize = 64 * 1024 * 1024;
+
+/// `messages` in runs of at most [`ENQUEUE_CHUNK`] rows and, past the
+/// first message of a run, [`ENQUEUE_BYTES`] of payload.
+fn statements(messages: &[Message]) -> impl Iterator<Item = &[Message]> {
+    let mut rest = messages;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let n = rest
+            .iter()
+            .take(ENQUEUE_CHUNK)
+            .enumerate()
+            .take_while(|(i, m)| {
+                bytes += m.payload.len();
+                *i == 0 || bytes <= ENQUEUE_BYTES
+            })
+            .count();
+        let (run, after) = rest.split_at(n);
+        rest = after;
+        Some(run)
+    })
+}
 
 mod sealed {
     pub trait Sealed {}
@@ -530,5 +559,37 @@ pub(crate) fn dedupe(s: &outbox_core::Settlement) -> outbox_core::Settlement {
             .copied()
             .filter(|id| seen.insert(*id))
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sized(n: usize, bytes: usize) -> Vec<Message> {
+        (0..n)
+            .map(|_| {
+                Message::builder("t", vec![0u8; bytes])
+                    .max_payload(bytes)
+                    .build()
+            })
+            .collect::<std::result::Result<_, _>>()
+            .unwrap_or_default()
+    }
+
+    fn runs(messages: &[Message]) -> Vec<usize> {
+        statements(messages).map(<[Message]>::len).collect()
+    }
+
+    #[test]
+    fn a_batch_goes_in_statements_of_bounded_rows_and_bytes() {
+        assert_eq!(runs(&sized(12_001, 1)), [5_000, 5_000, 2_001]);
+        // 1 MiB payloads: 64 to a statement.
+        assert_eq!(runs(&sized(130, 1024 * 1024)), [64, 64, 2]);
+        // A payload over the budget goes alone.
+        let mut big = sized(1, ENQUEUE_BYTES + 1);
+        big.extend(sized(2, 1));
+        assert_eq!(runs(&big), [1, 2]);
+        assert!(runs(&[]).is_empty());
     }
 }
