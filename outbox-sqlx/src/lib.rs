@@ -167,24 +167,35 @@ const ENQUEUE_BYTES: usize = 64 * 1024 * 1024;
 
 /// `messages` in runs of at most [`ENQUEUE_CHUNK`] rows and, past the
 /// first message of a run, [`ENQUEUE_BYTES`] of payload.
-fn statements(messages: &[Message]) -> impl Iterator<Item = &[Message]> {
-    let mut rest = messages;
+fn statements(messages: &[Message]) -> Vec<&[Message]> {
+    let sizes: Vec<usize> = messages.iter().map(|m| m.payload.len()).collect();
+    runs(&sizes, ENQUEUE_CHUNK, ENQUEUE_BYTES)
+        .filter_map(|r| messages.get(r))
+        .collect()
+}
+
+/// Consecutive ranges of `sizes`, each of at least one item and at most
+/// `rows` items, and past its first item at most `bytes` in all.
+pub(crate) fn runs(
+    sizes: &[usize],
+    rows: usize,
+    bytes: usize,
+) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let mut start = 0;
     std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let mut bytes = 0;
+        let rest = sizes.get(start..).filter(|r| !r.is_empty())?;
+        let mut total = 0;
         let n = rest
             .iter()
-            .take(ENQUEUE_CHUNK)
+            .take(rows)
             .enumerate()
-            .take_while(|(i, m)| {
-                bytes += m.payload.len();
-                *i == 0 || bytes <= ENQUEUE_BYTES
+            .take_while(|(i, size)| {
+                total += **size;
+                *i == 0 || total <= bytes
             })
             .count();
-        let (run, after) = rest.split_at(n);
-        rest = after;
+        let run = start..start + n.max(1);
+        start = run.end;
         Some(run)
     })
 }
@@ -375,7 +386,35 @@ struct HeldClaim {
     stamp: u64,
     /// The ids it handed out, with their `seq`s (MySQL leaves them out of
     /// a claim ahead and settles them by `seq`).
-    rows: std::sync::Arc<std::collections::HashMap<outbox_core::MessageId, i64>>,
+    rows: HeldRows,
+}
+
+/// A claim's ids, each with its `seq`.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub(crate) type HeldRows = std::sync::Arc<std::collections::HashMap<outbox_core::MessageId, i64>>;
+
+/// What a settle of `lease` writes: `settlement` without ids named twice
+/// or not handed out by that claim (the partition stamp fences other
+/// owners, this other rows of the same partitions), with the claim's rows.
+/// `None` when nothing is left: the owner's claim counts as settled.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub(crate) fn to_settle(
+    owners: &Owners,
+    held: &Held,
+    lease: &outbox_core::Lease,
+    settlement: &outbox_core::Settlement,
+) -> Option<(outbox_core::Settlement, HeldRows)> {
+    let owner = lease.owner.as_str();
+    let (s, rows) = if settlement.is_empty() {
+        (outbox_core::Settlement::default(), HeldRows::default())
+    } else {
+        held.only_held(owner, lease.token.0, settlement)
+    };
+    if s.is_empty() {
+        owners.settled(owner, lease.token.0);
+        return None;
+    }
+    Some((s, rows))
 }
 
 #[cfg(any(feature = "postgres", feature = "mysql"))]
@@ -425,22 +464,6 @@ impl Held {
             .unwrap_or_default()
     }
 
-    /// The `seq`s of `ids`, of those the claim `token` of `owner` handed
-    /// out.
-    #[cfg(feature = "mysql")]
-    pub fn seqs(&self, owner: &str, token: u64, ids: &[outbox_core::MessageId]) -> Vec<i64> {
-        let held = self.lock();
-        let Some(rows) = held
-            .get(owner)
-            .and_then(|c| c.iter().find(|h| h.token == token))
-        else {
-            return Vec::new();
-        };
-        ids.iter()
-            .filter_map(|id| rows.rows.get(id).copied())
-            .collect()
-    }
-
     /// The stamp the claim `token` of `owner` saw (see [`HeldClaim`]).
     #[cfg(feature = "postgres")]
     pub fn stamp(&self, owner: &str, token: u64) -> Option<u64> {
@@ -451,13 +474,14 @@ impl Held {
     }
 
     /// `settlement` without ids named twice and without ids the claim
-    /// `token` of `owner` did not hand out.
-    pub fn only_held(
+    /// `token` of `owner` did not hand out, and that claim's rows (each
+    /// id's `seq`).
+    fn only_held(
         &self,
         owner: &str,
         token: u64,
         settlement: &outbox_core::Settlement,
-    ) -> outbox_core::Settlement {
+    ) -> (outbox_core::Settlement, HeldRows) {
         let held = self
             .lock()
             .get(owner)
@@ -469,7 +493,7 @@ impl Held {
         s.retries.retain(|r| held.contains_key(&r.id));
         s.dead.retain(|f| held.contains_key(&f.id));
         s.released.retain(|id| held.contains_key(id));
-        s
+        (s, held)
     }
 
     /// Forgets every claim of an owner that left.
@@ -578,7 +602,10 @@ mod tests {
     }
 
     fn runs(messages: &[Message]) -> Vec<usize> {
-        statements(messages).map(<[Message]>::len).collect()
+        statements(messages)
+            .into_iter()
+            .map(<[Message]>::len)
+            .collect()
     }
 
     #[test]

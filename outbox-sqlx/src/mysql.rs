@@ -30,6 +30,7 @@ use crate::{
     empty_claim, headers_from_json, sealed, Enqueue, Held, Outbox, Owners, StoreConfig, TableName,
     PARTITIONS,
 };
+use crate::{runs, to_settle};
 
 const ENGINE: &str = "mysql";
 
@@ -254,17 +255,15 @@ async fn write(
         .iter()
         .map(|m| serde_json::to_string(&m.headers).unwrap_or_else(|_| "{}".into()))
         .collect();
-    let size = |i: usize| {
-        let m = &messages[i];
-        m.payload.len() + headers[i].len() + m.topic.len() + m.key.as_ref().map_or(0, String::len)
-    };
-    let mut start = 0;
-    while start < messages.len() {
-        let (mut end, mut bytes) = (start, 0);
-        while end < messages.len() && (end == start || bytes + size(end) <= INSERT_BYTES) {
-            bytes += size(end);
-            end += 1;
-        }
+    let sizes: Vec<usize> = messages
+        .iter()
+        .zip(&headers)
+        .map(|(m, h)| {
+            m.payload.len() + h.len() + m.topic.len() + m.key.as_ref().map_or(0, String::len)
+        })
+        .collect();
+    for run in runs(&sizes, usize::MAX, INSERT_BYTES) {
+        let (start, end) = (run.start, run.end);
         let rows = vec!["(?, ?, ?, ?, ?, ?, ?)"; end - start].join(", ");
         let sql = format!(
             "INSERT INTO {t} (id, topic, msg_key, payload, headers, created_at, not_before) \
@@ -282,7 +281,6 @@ async fn write(
                 .bind(m.not_before.map(utc));
         }
         q.execute(&mut *conn).await.map_err(err("enqueue"))?;
-        start = end;
     }
     if !delayed.is_empty() {
         let sql = format!(
@@ -671,20 +669,11 @@ impl Store for MySqlStore {
     }
 
     async fn settle(&self, lease: &Lease, settlement: &Settlement) -> Result<SettleReport> {
-        if settlement.is_empty() {
-            self.inner
-                .owners
-                .settled(lease.owner.as_str(), lease.token.0);
+        let inner = &self.inner;
+        let Some((s, rows)) = to_settle(&inner.owners, &inner.held, lease, settlement) else {
             return Ok(SettleReport::default());
-        }
-        // Only rows this claim handed out: the partition stamp fences other
-        // owners, this fences other rows of the same partitions.
+        };
         let owner = lease.owner.as_str();
-        let s = self.inner.held.only_held(owner, lease.token.0, settlement);
-        if s.is_empty() {
-            self.inner.owners.settled(owner, lease.token.0);
-            return Ok(SettleReport::default());
-        }
         let t = self.table();
         let token = i64::try_from(lease.token.0).unwrap_or(-1);
         let mut report = SettleReport::default();
@@ -720,9 +709,13 @@ impl Store for MySqlStore {
             .join(", ");
         let ours = format!("m.`partition` IN ({parts}) AND m.{PENDING}");
 
-        // By `seq`, the primary key (only_held kept the ids the claim handed
-        // out, so each has one while the claim is held).
-        let seqs = self.inner.held.seqs(owner, lease.token.0, &s.delivered);
+        // By `seq`, the primary key (every id left is one the claim handed
+        // out).
+        let seqs: Vec<i64> = s
+            .delivered
+            .iter()
+            .filter_map(|id| rows.get(id).copied())
+            .collect();
         if !seqs.is_empty() {
             let list = marks(seqs.len());
             let unblock = format!(

@@ -49,6 +49,7 @@ use tracing::{debug, warn};
 use uuid::Uuid;
 
 use crate::error::db_error;
+use crate::to_settle;
 use crate::{
     empty_claim, headers_from_json, sealed, secs, Enqueue, Held, Outbox, Owners, StoreConfig,
     TableName, PARTITIONS,
@@ -1082,20 +1083,11 @@ impl PgStore {
 
     /// [`Store::settle`], without the resets of claims ahead.
     async fn settling(&self, lease: &Lease, settlement: &Settlement) -> Result<SettleReport> {
-        if settlement.is_empty() {
-            self.inner
-                .owners
-                .settled(lease.owner.as_str(), lease.token.0);
+        let inner = &self.inner;
+        let Some((s, _)) = to_settle(&inner.owners, &inner.held, lease, settlement) else {
             return Ok(SettleReport::default());
-        }
-        // Only rows this claim handed out: the partition stamp fences other
-        // owners, this fences other rows of the same partitions.
+        };
         let owner = lease.owner.as_str();
-        let s = self.inner.held.only_held(owner, lease.token.0, settlement);
-        if s.is_empty() {
-            self.inner.owners.settled(owner, lease.token.0);
-            return Ok(SettleReport::default());
-        }
         // Fenced by the stamp the claim saw, not its own token: the claim
         // stamped its token only if it renewed the leases.
         let stamp = self.inner.held.stamp(owner, lease.token.0);

@@ -139,6 +139,24 @@ async fn deliver(store: &MySqlStore, request: &ClaimRequest) -> Vec<MessageId> {
     ids
 }
 
+/// `n` messages with keys of their own, committed.
+async fn backlog(pool: &MySqlPool, outbox: &Outbox, n: usize) -> Vec<Message> {
+    let ms = keys_of_their_own(n);
+    let mut tx = pool.begin().await.unwrap();
+    outbox.enqueue_batch(&mut *tx, &ms).await.unwrap();
+    tx.commit().await.unwrap();
+    ms
+}
+
+/// A claim of up to `limit` for `owner`, leased for 5 minutes.
+fn request(owner: &str, limit: usize) -> ClaimRequest {
+    ClaimRequest {
+        owner: RelayId::new(owner),
+        limit,
+        lease: Duration::from_secs(300),
+    }
+}
+
 /// `n` messages, each with a key of its own (in `seq` order, nothing holds
 /// one back).
 fn keys_of_their_own(n: usize) -> Vec<Message> {
@@ -159,15 +177,8 @@ fn keys_of_their_own(n: usize) -> Vec<Message> {
 async fn a_claim_ahead_leaves_out_more_outstanding_rows_than_one_list_holds() {
     let Some(pool) = pool(5).await else { return };
     let (store, outbox) = fresh(&pool, StoreConfig::default()).await;
-    let ms = keys_of_their_own(4_000);
-    let mut tx = pool.begin().await.unwrap();
-    outbox.enqueue_batch(&mut *tx, &ms).await.unwrap();
-    tx.commit().await.unwrap();
-    let request = |limit| ClaimRequest {
-        owner: RelayId::new("ahead"),
-        limit,
-        lease: Duration::from_secs(300),
-    };
+    let ms = backlog(&pool, &outbox, 4_000).await;
+    let request = |limit| request("ahead", limit);
     let ids = |c: &outbox_core::Claim| c.messages.iter().map(|m| m.id).collect::<Vec<_>>();
     let span = |r: std::ops::Range<usize>| ms[r].iter().map(|m| m.id).collect::<Vec<_>>();
     let first = store.claim(&request(1_500)).await.unwrap();
@@ -207,16 +218,8 @@ async fn a_batch_larger_than_a_statement_holds_is_claimed_in_parts() {
     let (store, outbox) = fresh(&pool, StoreConfig::default()).await;
     assert_eq!(store.max_claim(), Some(MAX_CLAIM), "the relay is told");
     let total = 2 * MAX_CLAIM + 5_000;
-    let ms = keys_of_their_own(total);
-    outbox
-        .enqueue_batch(&mut *pool.acquire().await.unwrap(), &ms)
-        .await
-        .unwrap();
-    let request = ClaimRequest {
-        owner: RelayId::new("big"),
-        limit: 100_000,
-        lease: Duration::from_secs(300),
-    };
+    backlog(&pool, &outbox, total).await;
+    let request = request("big", 100_000);
     let first = store.claim(&request).await.unwrap();
     assert_eq!(first.messages.len(), MAX_CLAIM);
     let retry = Settlement {
@@ -280,16 +283,8 @@ async fn a_batch_larger_than_a_statement_holds_is_claimed_in_parts() {
 async fn long_error_texts_are_cut_and_many_failures_settle_in_parts() {
     let Some(pool) = pool(3).await else { return };
     let (store, outbox) = fresh(&pool, StoreConfig::default()).await;
-    let ms = keys_of_their_own(9_100);
-    outbox
-        .enqueue_batch(&mut *pool.acquire().await.unwrap(), &ms)
-        .await
-        .unwrap();
-    let request = ClaimRequest {
-        owner: RelayId::new("failing"),
-        limit: 9_100,
-        lease: Duration::from_secs(300),
-    };
+    backlog(&pool, &outbox, 9_100).await;
+    let request = request("failing", 9_100);
     let claim = store.claim(&request).await.unwrap();
     assert_eq!(claim.messages.len(), 9_100);
     let (dead, retried) = claim.messages.split_at(9_000);
