@@ -20,6 +20,8 @@ OPTIONS:
     --payload BYTES       payload size (default 200)
     --big-backlog N       the large backlog of the growth test (default 1000000, quick 200000)
     --small-backlog N     the small backlog of the growth test (default 10000)
+    --small-runs N        drains of the small backlog, around the large one; the median is
+                          reported (default 5, quick 3)
     --batch N             relay batch size (default 1000)
     --keys N              distinct message keys, assigned round-robin; 0 = keyless (default 1000)
     --pairs N             database-limit runs, each right before a drain of our relay, per broker;
@@ -76,6 +78,8 @@ pub struct Options {
     pub big_backlog: usize,
     /// The small backlog of the growth test.
     pub small_backlog: usize,
+    /// Drains of the small backlog (the median one is reported).
+    pub small_runs: usize,
     /// Relay batch size.
     pub batch: usize,
     /// Distinct keys (round-robin); 0 = keyless.
@@ -173,6 +177,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
         payload: 200,
         big_backlog: if quick { 200_000 } else { 1_000_000 },
         small_backlog: 10_000,
+        small_runs: if quick { 3 } else { 5 },
         batch: 1000,
         keys: 1000,
         pairs: if quick { 1 } else { 3 },
@@ -198,6 +203,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
             "--payload" => o.payload = number(&flag, it.next())?,
             "--big-backlog" => o.big_backlog = number(&flag, it.next())?,
             "--small-backlog" => o.small_backlog = number(&flag, it.next())?,
+            "--small-runs" => o.small_runs = number(&flag, it.next())?,
             "--batch" => o.batch = number(&flag, it.next())?,
             "--keys" => o.keys = number(&flag, it.next())?,
             "--pairs" => o.pairs = number(&flag, it.next())?,
@@ -241,7 +247,12 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
             other => return Err(format!("unknown argument {other:?} (see --help)")),
         }
     }
-    if o.messages == 0 || o.batch == 0 || o.small_backlog == 0 || o.big_backlog == 0 || o.pairs == 0
+    if o.messages == 0
+        || o.batch == 0
+        || o.small_backlog == 0
+        || o.small_runs == 0
+        || o.big_backlog == 0
+        || o.pairs == 0
     {
         return Err("sizes must be more than 0".into());
     }

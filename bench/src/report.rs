@@ -488,6 +488,16 @@ impl Results {
                     ms(g.claim_last_tenth.mean),
                 );
             }
+            for g in self.growth.iter().filter(|g| g.runs_msg_per_s.len() > 1) {
+                let runs: Vec<String> = g.runs_msg_per_s.iter().map(|r| fmt_rate(*r)).collect();
+                let _ = writeln!(
+                    s,
+                    "Backlog of {}: {} drains, {} msg/s (the median one is shown).",
+                    fmt_rate(g.rows as f64),
+                    runs.len(),
+                    runs.join(", ")
+                );
+            }
         }
 
         if let Some(mem) = &self.memory {

@@ -43,6 +43,9 @@ pub struct GrowthRun {
     pub table_mb: f64,
     /// Overall drain rate (msg/s).
     pub msg_per_s: f64,
+    /// Every drain of a backlog this size, in the order run (msg/s); this
+    /// run is the median one.
+    pub runs_msg_per_s: Vec<f64>,
     /// Rate over the first 10,000 messages (msg/s).
     pub first_10k_msg_per_s: f64,
     /// Rate over the last 10,000 messages (msg/s).
@@ -222,6 +225,7 @@ pub async fn growth(ctx: &Ctx, rows: usize) -> BoxResult<GrowthRun> {
             rows,
             table_mb: round(bytes as f64 / 1e6, 1),
             msg_per_s: round(done as f64 / secs, 0),
+            runs_msg_per_s: Vec::new(),
             first_10k_msg_per_s: rate_between(0, window),
             last_10k_msg_per_s: rate_between(done - window, done),
             claim_first_tenth: Series::of(&claims[..tenth]),

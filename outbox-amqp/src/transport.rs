@@ -395,7 +395,8 @@ impl AmqpTransport {
         let mut broken: Option<AmqpError> = None;
         for (i, m) in messages.iter().enumerate() {
             if let Some(e) = &broken {
-                results[i] = Some(Err(e.clone().into()));
+                // Not sent: the channel broke on an earlier message.
+                results[i] = Some(Err(e.clone().during("publish").unsent()));
                 continue;
             }
             let (exchange, routing_key) = self.config.route_for(&m.topic);
@@ -550,7 +551,16 @@ impl Transport for AmqpTransport {
         }
         let pooled = match self.checkout().await {
             Ok(p) => p,
-            Err(e) => return messages.iter().map(|_| Err(e.clone().into())).collect(),
+            // No channel, so nothing was sent: the relay hands the batch
+            // back uncounted and backs off (credentials refused on a
+            // reconnect included: rotated secrets must not dead-letter the
+            // backlog).
+            Err(e) => {
+                return messages
+                    .iter()
+                    .map(|_| Err(e.clone().during("publish").unsent()))
+                    .collect()
+            }
         };
         let mut results: Vec<Option<PublishResult>> = messages.iter().map(|_| None).collect();
         let mut health = Health::default();

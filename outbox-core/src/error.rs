@@ -67,6 +67,7 @@ type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub struct Error {
     kind: ErrorKind,
     transient: bool,
+    unsent: bool,
     message: Cow<'static, str>,
     backend: Option<Cow<'static, str>>,
     operation: Option<&'static str>,
@@ -88,6 +89,7 @@ impl Error {
         Error {
             kind,
             transient,
+            unsent: false,
             message: message.into(),
             backend: None,
             operation: None,
@@ -107,6 +109,21 @@ impl Error {
         self
     }
 
+    /// Marks a publish error as one where the message was not sent: the
+    /// transport could not reach its broker (not connected, connection or
+    /// channel refused, credentials refused on reconnect). The relay then
+    /// hands the message back without counting an attempt and backs off as
+    /// a whole ([`RelayConfig::transport_retry`](crate::RelayConfig)): a
+    /// broker outage must not use up the attempts of every message claimed
+    /// meanwhile and dead-letter them. Only for messages that did not leave
+    /// the process: one sent whose outcome is unknown is an ordinary
+    /// failure, so that a message that itself breaks the connection still
+    /// ends up dead-lettered.
+    pub fn unsent(mut self) -> Self {
+        self.unsent = true;
+        self
+    }
+
     /// Attaches the underlying error.
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         self.source = Some(Box::new(source));
@@ -122,6 +139,12 @@ impl Error {
     /// failures and dead-letters permanent ones.
     pub fn is_transient(&self) -> bool {
         self.transient
+    }
+
+    /// Whether the message was not sent because the broker could not be
+    /// reached (see [`unsent`](Self::unsent)).
+    pub fn is_unsent(&self) -> bool {
+        self.unsent
     }
 
     /// The backend that reported the error, if one was named.
@@ -164,6 +187,7 @@ impl fmt::Debug for Error {
         f.debug_struct("Error")
             .field("kind", &self.kind)
             .field("transient", &self.transient)
+            .field("unsent", &self.unsent)
             .field("backend", &self.backend)
             .field("operation", &self.operation)
             .field("message", &self.message)

@@ -26,6 +26,12 @@
 //! without a key all go in the first wave). When a message fails, later
 //! messages of its key in the claim are not published but released, and the
 //! store keeps them behind the failed one until its retry.
+//!
+//! An unreachable broker: messages the transport reports
+//! [unsent](Error::unsent) go back to the store without counting an attempt
+//! (after a call that sent none of its messages, the rest of the claim with
+//! them), and the relay settles, then backs off
+//! ([`RelayConfig::transport_retry`]) before it claims again.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -110,6 +116,11 @@ pub struct RelayConfig {
     pub retry: RetryPolicy,
     /// Backoff while the store itself fails (claim or settle errors).
     pub store_retry: RetryPolicy,
+    /// Backoff while the transport cannot reach its broker (it reports
+    /// messages [unsent](Error::unsent)): the relay hands such messages
+    /// back without counting an attempt and waits this long before its next
+    /// claim, so that an outage of any length dead-letters nothing.
+    pub transport_retry: RetryPolicy,
     /// Most messages handed to the transport in one call; larger waves are
     /// published in several calls, one after another (default 1,000).
     pub max_in_flight: usize,
@@ -141,6 +152,11 @@ impl Default for RelayConfig {
             max_attempts: 10,
             retry: RetryPolicy::default(),
             store_retry: RetryPolicy::exponential(
+                Duration::from_millis(100),
+                2.0,
+                Duration::from_secs(10),
+            ),
+            transport_retry: RetryPolicy::exponential(
                 Duration::from_millis(100),
                 2.0,
                 Duration::from_secs(10),
@@ -232,6 +248,11 @@ impl RelayBuilder {
     /// Backoff while the store fails.
     pub fn store_retry(mut self, policy: RetryPolicy) -> Self {
         self.config.store_retry = policy;
+        self
+    }
+    /// Backoff while the transport cannot reach its broker.
+    pub fn transport_retry(mut self, policy: RetryPolicy) -> Self {
+        self.config.transport_retry = policy;
         self
     }
     /// Most messages per transport call (the publish concurrency limit).
@@ -336,6 +357,18 @@ struct Published {
     full: bool,
     /// The shortest retry delay it asks for.
     soonest_retry: Option<Duration>,
+    /// The first error of a message the transport could not send (its
+    /// broker unreachable): the relay backs off before claiming again.
+    unsent: Option<String>,
+}
+
+/// What [`Relay::publish`] did with a claim.
+struct Publication {
+    settlement: Settlement,
+    /// The keys it failed or held back.
+    blocked: HashSet<String>,
+    /// The first error of a message the transport could not send.
+    unsent: Option<String>,
 }
 
 /// What [`Relay::step`] did.
@@ -347,6 +380,15 @@ struct Step {
     /// The claim taken ahead; `None` when none was asked for or the store
     /// said not now.
     ahead: Option<Result<Claim>>,
+}
+
+/// The error `drain` and `relay_once` return when the transport could not
+/// reach its broker (`text`: the first such message error).
+fn unsent_error(text: String) -> Error {
+    Error::transient(ErrorKind::Connection, text)
+        .with_backend("relay")
+        .with_operation("publish")
+        .unsent()
 }
 
 fn soonest_retry(settlement: &Settlement) -> Option<Duration> {
@@ -440,6 +482,16 @@ impl Relay {
         &self.config
     }
 
+    /// The most messages one claim asks for: `batch_size`, capped at the
+    /// store's [`Store::max_claim`] (a store bounds a claim by what one of
+    /// its statements can carry).
+    pub fn batch_size(&self) -> usize {
+        self.config
+            .batch_size
+            .min(self.store.max_claim().unwrap_or(usize::MAX))
+            .max(1)
+    }
+
     /// The in-process wakeup: notify it after committing an enqueue.
     pub fn signal(&self) -> Signal {
         self.signal.clone()
@@ -448,7 +500,8 @@ impl Relay {
     /// Runs until `cancel` fires, then stops gracefully: an in-flight publish
     /// finishes (up to the shutdown timeout) and is settled, unpublished rows
     /// are released, so nothing stays leased. Store errors never end the run;
-    /// they are logged, counted and retried with backoff.
+    /// they are logged, counted and retried with backoff, as is a broker the
+    /// transport cannot reach.
     pub async fn run(&self, cancel: CancellationToken) -> RelayReport {
         if self.config.lanes <= 1 {
             return self.run_lane(cancel, None).await;
@@ -505,6 +558,8 @@ impl Relay {
         let mut total = RelayReport::default();
         let mut state = State::Idle;
         let mut store_failures = 0u32;
+        // Claims in a row whose publish found the broker unreachable.
+        let mut transport_failures = 0u32;
         let mut last_stats: Option<Instant> = None;
         // When the soonest retry this relay scheduled falls due: an idle
         // relay wakes then rather than at its next poll.
@@ -585,6 +640,17 @@ impl Relay {
                     hurry_until = Some(Instant::now() + HURRY);
                     let step = self.step(claim, behind, &cancel).await;
                     let mut published = step.published;
+                    match &published.unsent {
+                        Some(e) => {
+                            transport_failures = transport_failures.saturating_add(1);
+                            if transport_failures == 1 {
+                                warn!(relay = %self.id, error = %e,
+                                    "the transport cannot reach its broker: messages handed back, backing off");
+                            }
+                            published.full = false;
+                        }
+                        None => transport_failures = 0,
+                    }
                     let mut settled_behind = true;
                     if let Some((result, retry)) = step.behind {
                         match result {
@@ -603,19 +669,20 @@ impl Relay {
                             published.full = false;
                             State::Settling(published)
                         }
-                        Some(Ok(next)) if settled_behind && !cancel.is_cancelled() => {
+                        Some(Ok(next))
+                            if settled_behind
+                                && !cancel.is_cancelled()
+                                && published.unsent.is_none() =>
+                        {
                             State::Publishing {
                                 claim: next,
                                 behind: Some(published),
                             }
                         }
                         Some(Ok(next)) => {
-                            // Stopping: hand the claim back unpublished.
-                            let released = Settlement {
-                                released: next.messages.iter().map(|m| m.id).collect(),
-                                ..Settlement::default()
-                            };
-                            if let Ok(r) = self.settle(&next.lease, &released, &cancel).await {
+                            // Stopping, or the broker is unreachable: hand
+                            // the claim back unpublished.
+                            if let Ok(r) = self.hand_back(&next, &cancel).await {
                                 total.add(&r);
                             }
                             State::Settling(published)
@@ -641,6 +708,8 @@ impl Relay {
                         schedule(&mut next_retry, published.soonest_retry);
                         if cancel.is_cancelled() {
                             State::Stopping
+                        } else if published.unsent.is_some() {
+                            State::BackingOff(self.config.transport_retry.delay(transport_failures))
                         } else if published.full {
                             State::Claiming
                         } else {
@@ -705,15 +774,28 @@ impl Relay {
         if claim.messages.is_empty() {
             return Ok(RelayReport::default());
         }
-        let (settlement, _) = self.publish(&claim.messages, &HashSet::new(), None).await;
-        self.settle(&claim.lease, &settlement, &CancellationToken::new())
-            .await
+        let publication = self.publish(&claim.messages, &HashSet::new(), None).await;
+        let report = self
+            .settle(
+                &claim.lease,
+                &publication.settlement,
+                &CancellationToken::new(),
+            )
+            .await?;
+        match publication.unsent {
+            Some(e) => Err(unsent_error(e)),
+            None => Ok(report),
+        }
     }
 
     /// Relays until a claim comes back empty (claiming ahead where the store
     /// can, like [`run`](Self::run)), then hands back the relay's share of the
     /// store (`Store::leave`), so that other relays need not wait for its
     /// leases to expire. Messages waiting for a retry are not waited for.
+    ///
+    /// It stops at the first store error, or when the transport cannot reach
+    /// its broker (an error that [is unsent](Error::is_unsent)); what it
+    /// published is settled first and what it had not is handed back.
     pub async fn drain(&self) -> Result<RelayReport> {
         let never = CancellationToken::new();
         let mut total = RelayReport::default();
@@ -721,23 +803,40 @@ impl Relay {
         let mut behind: Option<Published> = None;
         while !claim.messages.is_empty() {
             let step = self.step(claim, behind.take(), &never).await;
+            let mut failed = None;
             if let Some((result, _)) = step.behind {
-                total.add(&result?);
+                match result {
+                    Ok(r) => total.add(&r),
+                    Err(e) => failed = Some(e),
+                }
             }
             let published = step.published;
             match step.ahead {
-                Some(Ok(next)) if !next.messages.is_empty() => {
+                Some(Ok(next))
+                    if !next.messages.is_empty()
+                        && failed.is_none()
+                        && published.unsent.is_none() =>
+                {
                     behind = Some(published);
                     claim = next;
                 }
                 ahead => {
+                    if let Some(Ok(next)) = &ahead {
+                        total.add(&self.hand_back(next, &never).await?);
+                    }
                     total.add(
                         &self
                             .settle(&published.lease, &published.settlement, &never)
                             .await?,
                     );
+                    if let Some(e) = failed {
+                        return Err(e);
+                    }
                     if let Some(Err(e)) = ahead {
                         return Err(e);
+                    }
+                    if let Some(e) = published.unsent {
+                        return Err(unsent_error(e));
                     }
                     claim = self.claim().await?;
                 }
@@ -795,19 +894,12 @@ impl Relay {
     fn request(&self) -> ClaimRequest {
         ClaimRequest {
             owner: self.id.clone(),
-            limit: self.batch(),
+            limit: self.batch_size(),
             lease: self.config.lease,
         }
     }
 
     /// The batch size, within what the store hands out in one claim.
-    fn batch(&self) -> usize {
-        self.config
-            .batch_size
-            .min(self.store.max_claim().unwrap_or(usize::MAX))
-            .max(1)
-    }
-
     async fn claim(&self) -> Result<Claim> {
         let span = info_span!("outbox.claim", store = self.store.name(), relay = %self.id, count = tracing::field::Empty);
         let started = Instant::now();
@@ -866,7 +958,7 @@ impl Relay {
         behind: Option<Published>,
         cancel: &CancellationToken,
     ) -> Step {
-        let full = claim.messages.len() >= self.batch();
+        let full = claim.messages.len() >= self.batch_size();
         let carry: HashSet<String> = behind
             .as_ref()
             .map(|b| b.blocked.union(&b.inherited).cloned().collect())
@@ -889,7 +981,7 @@ impl Relay {
         // The claim ahead and the settle run on tasks of their own, in no
         // fixed order: a claim ahead must leave out the claim behind
         // whether or not its settle has finished (see `Store::claim_ahead`).
-        let ((settlement, blocked), ahead, settled) = tokio::join!(publish, next, settle);
+        let (publication, ahead, settled) = tokio::join!(publish, next, settle);
         let (inherited, behind_retry) = match behind {
             Some(b) => (b.blocked, b.soonest_retry),
             None => (HashSet::new(), None),
@@ -897,12 +989,13 @@ impl Relay {
         Step {
             behind: settled.map(|r| (r, behind_retry)),
             published: Published {
-                soonest_retry: soonest_retry(&settlement),
+                soonest_retry: soonest_retry(&publication.settlement),
                 lease: claim.lease,
-                settlement,
-                blocked,
+                settlement: publication.settlement,
+                blocked: publication.blocked,
                 inherited,
                 full,
+                unsent: publication.unsent,
             },
             ahead,
         }
@@ -914,14 +1007,15 @@ impl Relay {
     ///
     /// `carry` holds keys that failed (or were held back) in the claims
     /// before this one when this one was claimed ahead: their messages are
-    /// released. Returns the settlement and the keys this claim failed or
-    /// held back.
+    /// released. Messages the transport could not send are released too
+    /// (no attempt counted), and after a call that sent none of its
+    /// messages the rest of the claim is released unpublished.
     async fn publish(
         &self,
         messages: &[Message],
         carry: &HashSet<String>,
         cancel: Option<&CancellationToken>,
-    ) -> (Settlement, HashSet<String>) {
+    ) -> Publication {
         let mut settlement = Settlement::default();
         let carried = carried(messages, carry);
         let mut blocked: HashSet<String> = if carried {
@@ -930,6 +1024,10 @@ impl Relay {
             HashSet::new()
         };
         let mut batch: Vec<Message> = Vec::new();
+        let mut unsent: Option<String> = None;
+        // Whether a transport call sent none of its messages: its broker is
+        // unreachable, so the rest of the claim is not tried.
+        let mut down = false;
         // Rows written by other programs may break the rules a builder
         // enforces: dead-letter those rather than hand them to a broker.
         let mut invalid: HashSet<usize> = HashSet::new();
@@ -965,6 +1063,15 @@ impl Relay {
                     &batch
                 };
             for chunk in wave_messages.chunks(self.config.max_in_flight) {
+                if down {
+                    for m in chunk {
+                        if let Some(k) = &m.key {
+                            blocked.insert(k.clone());
+                        }
+                        settlement.released.push(m.id);
+                    }
+                    continue;
+                }
                 if cancel.is_some_and(|c| c.is_cancelled()) {
                     settlement.released.extend(chunk.iter().map(|m| m.id));
                     continue;
@@ -975,9 +1082,23 @@ impl Relay {
                     settlement.released.extend(chunk.iter().map(|m| m.id));
                     continue;
                 };
+                down = results
+                    .iter()
+                    .all(|r| r.as_ref().is_err_and(Error::is_unsent));
                 for (m, result) in chunk.iter().zip(results) {
                     match result {
                         Ok(()) => settlement.delivered.push(m.id),
+                        Err(e) if e.is_unsent() => {
+                            // Not sent, so not an attempt: pending again,
+                            // and later messages of its key wait for it.
+                            if let Some(k) = &m.key {
+                                blocked.insert(k.clone());
+                            }
+                            settlement.released.push(m.id);
+                            if unsent.is_none() {
+                                unsent = Some(e.to_string());
+                            }
+                        }
                         Err(e) => {
                             if let Some(k) = &m.key {
                                 blocked.insert(k.clone());
@@ -988,7 +1109,11 @@ impl Relay {
                 }
             }
         }
-        (settlement, blocked)
+        Publication {
+            settlement,
+            blocked,
+            unsent,
+        }
     }
 
     /// Publishes one chunk; `None` when a shutdown gave up waiting for it.
@@ -1095,6 +1220,18 @@ impl Relay {
                 error: error_text(e),
             });
         }
+    }
+
+    /// Hands a claim back unpublished.
+    async fn hand_back(&self, claim: &Claim, cancel: &CancellationToken) -> Result<RelayReport> {
+        if claim.messages.is_empty() {
+            return Ok(RelayReport::default());
+        }
+        let released = Settlement {
+            released: claim.messages.iter().map(|m| m.id).collect(),
+            ..Settlement::default()
+        };
+        self.settle(&claim.lease, &released, cancel).await
     }
 
     /// Settles, retrying store errors with backoff while the lease lasts.

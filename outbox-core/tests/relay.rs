@@ -1015,6 +1015,8 @@ async fn a_claim_of_the_stores_most_is_a_full_batch() {
         .batch_size(10)
         .build()
         .unwrap();
+    assert_eq!(relay.batch_size(), 3, "the store's most");
+    assert_eq!(relay.config().batch_size, 10, "as configured");
     let running = relay.spawn();
     assert_eq!(rec.wait_for(30, Duration::from_secs(60)).await, 30);
     running.stop().await;
@@ -1072,4 +1074,145 @@ async fn a_long_error_text_is_cut_before_it_is_recorded() {
         assert!(d.error.len() > outbox_core::MAX_ERROR_TEXT - 8);
         assert!(d.error.ends_with("éé…"), "cut at a character boundary");
     }
+}
+
+/// A broker outage longer than all of a message's retries together
+/// dead-letters nothing: messages the transport could not send are handed
+/// back without counting an attempt, and the relay backs off as a whole
+/// instead of claiming and failing batch after batch. Once the broker is
+/// back, everything is published once, in order per key.
+#[tokio::test(start_paused = true)]
+async fn a_broker_outage_uses_up_no_attempts_and_dead_letters_nothing() {
+    let store = Arc::new(MemoryStore::with_options(
+        StoreOptions::default().claim_ahead(true),
+    ));
+    let messages: Vec<Message> = (0..40).map(|i| msg(Some(&format!("k{}", i % 4)))).collect();
+    store.enqueue(messages.clone()).unwrap();
+    let transport = ScriptedTransport::new().unreachable();
+    let relay = Relay::builder(store.clone(), Arc::new(transport.clone()))
+        .batch_size(10)
+        .max_attempts(2)
+        .retry(no_jitter(10, 10))
+        .transport_retry(no_jitter(100, 5_000))
+        .build()
+        .unwrap();
+    let running = relay.spawn();
+    // Two minutes down: 2 attempts 10 ms apart would be spent many times over.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    for m in &messages {
+        let row = store.row(&m.id).unwrap();
+        assert!(
+            row.pending && !row.dead,
+            "{} is still pending: {row:?}",
+            m.id
+        );
+        assert_eq!(row.attempts, 0, "an unsent message is not an attempt");
+    }
+    // Backing off: 100 ms doubling to 5 s is about 30 looks in two
+    // minutes, not one per claim.
+    let calls = transport.calls();
+    assert!(
+        (5..=40).contains(&calls),
+        "{calls} publish calls while down"
+    );
+    transport.heal();
+    assert_eq!(
+        transport
+            .recorder()
+            .wait_for(40, Duration::from_secs(30))
+            .await,
+        40
+    );
+    running.stop().await;
+    let mut last: HashMap<String, usize> = HashMap::new();
+    let position: HashMap<MessageId, usize> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.id, i))
+        .collect();
+    let published = transport.recorder().messages();
+    assert_eq!(published.len(), 40, "each published once");
+    for m in published {
+        let at = position[&m.id];
+        let key = m.key.clone().unwrap();
+        if let Some(before) = last.insert(key.clone(), at) {
+            assert!(before < at, "key {key} out of order");
+        }
+    }
+    assert_eq!(store.pending(), 0);
+}
+
+/// `drain` stops when the broker cannot be reached: it returns an error
+/// that says the messages were not sent, and hands every claimed row back
+/// (nothing stays leased, no attempt counted).
+#[tokio::test(start_paused = true)]
+async fn drain_stops_and_hands_back_the_claim_when_the_broker_is_unreachable() {
+    let store = Arc::new(MemoryStore::with_options(
+        StoreOptions::default().claim_ahead(true),
+    ));
+    let messages: Vec<Message> = (0..30).map(|i| msg(Some(&format!("k{i}")))).collect();
+    store.enqueue(messages.clone()).unwrap();
+    let transport = ScriptedTransport::new().unreachable();
+    let relay = Relay::builder(store.clone(), Arc::new(transport.clone()))
+        .batch_size(10)
+        .max_attempts(1)
+        .build()
+        .unwrap();
+    let e = relay.drain().await.unwrap_err();
+    assert!(e.is_unsent(), "{e}");
+    assert_eq!(store.leased(), 0, "nothing stays leased");
+    assert!(messages.iter().all(|m| store
+        .row(&m.id)
+        .is_some_and(|r| r.pending && r.attempts == 0)));
+    assert!(relay.relay_once().await.unwrap_err().is_unsent());
+    transport.heal();
+    let report = relay.drain().await.unwrap();
+    assert_eq!(report.published, 30);
+    assert_eq!(store.pending(), 0);
+}
+
+/// With two brokers behind a router and one of them down, only that
+/// broker's messages wait (handed back uncounted); the other broker's are
+/// published, and nothing is dead-lettered.
+#[tokio::test(start_paused = true)]
+async fn one_unreachable_broker_holds_back_only_its_own_messages() {
+    let store = Arc::new(MemoryStore::new());
+    let down: Vec<Message> = (0..10)
+        .map(|i| {
+            Message::builder("audit.logged", "{}")
+                .key(format!("a{i}"))
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let up: Vec<Message> = (0..10).map(|i| msg(Some(&format!("o{i}")))).collect();
+    store.enqueue(down.iter().chain(&up).cloned()).unwrap();
+    let transport = ScriptedTransport::new().unreachable_topic("audit.logged");
+    let relay = Relay::builder(store.clone(), Arc::new(transport.clone()))
+        .max_attempts(1)
+        .transport_retry(no_jitter(100, 1_000))
+        .build()
+        .unwrap();
+    let running = relay.spawn();
+    assert_eq!(
+        transport
+            .recorder()
+            .wait_for(10, Duration::from_secs(5))
+            .await,
+        10
+    );
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(down.iter().all(|m| store
+        .row(&m.id)
+        .is_some_and(|r| r.pending && r.attempts == 0)));
+    transport.heal();
+    assert_eq!(
+        transport
+            .recorder()
+            .wait_for(20, Duration::from_secs(5))
+            .await,
+        20
+    );
+    running.stop().await;
+    assert_eq!(store.pending(), 0);
 }

@@ -44,6 +44,10 @@ pub(crate) enum NatsError {
     /// The connection broke before the ack arrived.
     #[error("connection lost before the ack: {0}")]
     Disconnected(String),
+    /// Not sent: the client is not connected to the server (the relay
+    /// hands the message back without counting an attempt).
+    #[error("not sent: {0}")]
+    NotConnected(String),
     /// The stream refused the message (limits, storage); may clear later.
     #[error("stream refused the message: {0}")]
     Refused(String),
@@ -70,6 +74,7 @@ impl NatsError {
             NatsError::TooLarge(_) => (ErrorKind::TooLarge, false),
             NatsError::Timeout(_) => (ErrorKind::Timeout, true),
             NatsError::Disconnected(_) => (ErrorKind::Connection, true),
+            NatsError::NotConnected(_) => (ErrorKind::Connection, true),
             NatsError::Refused(_) => (ErrorKind::Rejected, true),
             NatsError::RefusedPermanently(_) => (ErrorKind::Rejected, false),
             NatsError::Other(_) => (ErrorKind::Other, true),
@@ -80,12 +85,18 @@ impl NatsError {
     pub(crate) fn during(self, operation: &'static str) -> Error {
         let (kind, transient) = self.kind_and_transience();
         let message = self.to_string();
+        let unsent = matches!(self, NatsError::NotConnected(_));
         let e = if transient {
             Error::transient(kind, message)
         } else {
             Error::permanent(kind, message)
         };
-        e.with_backend("nats").with_operation(operation)
+        let e = e.with_backend("nats").with_operation(operation);
+        if unsent {
+            e.unsent()
+        } else {
+            e
+        }
     }
 
     /// Maps a connect failure.
@@ -129,7 +140,8 @@ impl NatsError {
         match e.kind() {
             K::MaxPayloadExceeded => NatsError::TooLarge(e.to_string()),
             K::InvalidSubject => NatsError::InvalidSubject(topic.to_string()),
-            _ => NatsError::Disconnected(e.to_string()),
+            // The client's channel to its connection is gone: not sent.
+            _ => NatsError::NotConnected(e.to_string()),
         }
     }
 }
@@ -161,9 +173,13 @@ mod tests {
         assert!(!NatsError::InvalidHeader("h".into())
             .during("publish")
             .is_transient());
-        assert!(NatsError::Disconnected("x".into())
-            .during("publish")
-            .is_transient());
+        let lost = NatsError::Disconnected("x".into()).during("publish");
+        assert!(
+            lost.is_transient() && !lost.is_unsent(),
+            "sent, outcome unknown"
+        );
+        let down = NatsError::NotConnected("x".into()).during("publish");
+        assert!(down.is_transient() && down.is_unsent());
         assert!(!NatsError::Unauthorized("x".into())
             .during("connect")
             .is_transient());

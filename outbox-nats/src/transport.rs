@@ -208,7 +208,7 @@ impl NatsTransport {
     ) -> Vec<usize> {
         let timeout = self.config.ack_timeout;
         if acks.router.is_finished() {
-            let e = NatsError::Disconnected("the ack subscription has ended".into());
+            let e = NatsError::NotConnected("the ack subscription has ended".into());
             for &i in indices {
                 results[i] = Some(Err(e.clone().into()));
             }
@@ -248,7 +248,7 @@ impl NatsTransport {
                 continue;
             }
             if self.client.connection_state() == State::Disconnected {
-                let e = NatsError::Disconnected("not connected to the server".into());
+                let e = NatsError::NotConnected("not connected to the server".into());
                 results[i] = Some(Err(e.clone().into()));
                 down = Some(e);
                 continue;
@@ -303,7 +303,7 @@ impl NatsTransport {
                 Err(_) => {
                     // The client could not even queue the publish: the
                     // connection is down; fail the rest fast.
-                    let e = NatsError::Disconnected(format!("could not send within {timeout:?}"));
+                    let e = NatsError::NotConnected(format!("could not send within {timeout:?}"));
                     results[i] = Some(Err(e.clone().into()));
                     down = Some(e);
                 }
@@ -367,7 +367,7 @@ impl NatsTransport {
     async fn publish_core(&self, messages: &[Message], results: &mut [Option<PublishResult>]) {
         let timeout = self.config.ack_timeout;
         if self.client.connection_state() == State::Disconnected {
-            let e = NatsError::Disconnected("not connected to the server".into());
+            let e = NatsError::NotConnected("not connected to the server".into());
             for r in results.iter_mut() {
                 *r = Some(Err(e.clone().into()));
             }

@@ -233,8 +233,13 @@ impl Transport for RedisTransport {
                 }
                 Err(e) => {
                     tracing::debug!(backend = BACKEND, error = %e, "batch failed");
+                    // A refused connection sent nothing: the relay hands the
+                    // batch back uncounted and backs off. A connection lost
+                    // mid-pipeline may have stored some of it.
+                    let unsent = e.is_connection_refusal();
                     for i in sent {
-                        results[i] = Some(Err(RedisError::Batch(e.clone()).into()));
+                        let error: outbox_core::Error = RedisError::Batch(e.clone()).into();
+                        results[i] = Some(Err(if unsent { error.unsent() } else { error }));
                     }
                 }
             }

@@ -193,7 +193,7 @@ pub async fn run(config: Config, check: bool) -> Result<(), StartError> {
         table = %config.table,
         routes = %config.routes_summary(),
         listen = %config.listen.map_or_else(|| "off".to_string(), |a| a.to_string()),
-        batch_size = config.batch_size,
+        batch_size = relay.batch_size(),
         "relay started"
     );
     let relay = Arc::new(relay);

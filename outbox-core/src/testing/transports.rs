@@ -123,6 +123,8 @@ enum Action {
     Transient(u32),
     /// Fail permanently.
     Permanent,
+    /// Fail as not sent: the broker cannot be reached.
+    Unsent,
 }
 
 #[derive(Clone, Debug)]
@@ -200,6 +202,18 @@ impl ScriptedTransport {
         self.rule(Some(topic), None, Action::Permanent)
     }
 
+    /// Every message fails as not sent ([`Error::unsent`]), as while the
+    /// broker is down, until [`heal`](Self::heal).
+    pub fn unreachable(self) -> Self {
+        self.rule(None, None, Action::Unsent)
+    }
+
+    /// Messages of `topic` fail as not sent (their broker is down) until
+    /// [`heal`](Self::heal).
+    pub fn unreachable_topic(self, topic: &str) -> Self {
+        self.rule(Some(topic), None, Action::Unsent)
+    }
+
     /// Each message fails transiently with probability `p`, drawn from a
     /// generator seeded with `seed` (reproducible).
     pub fn fail_randomly(self, p: f64, seed: u64) -> Self {
@@ -252,6 +266,14 @@ impl ScriptedTransport {
                     Error::permanent(ErrorKind::Rejected, "scripted permanent failure")
                         .with_backend("scripted")
                         .with_operation("publish"),
+                )
+            }
+            Some(Action::Unsent) => {
+                return Err(
+                    Error::transient(ErrorKind::Connection, "scripted: broker unreachable")
+                        .with_backend("scripted")
+                        .with_operation("publish")
+                        .unsent(),
                 )
             }
             Some(Action::Transient(times)) if n <= *times => {
