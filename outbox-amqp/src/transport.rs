@@ -88,6 +88,11 @@ struct Health {
     connection_broken: bool,
     /// An exchange went missing.
     recheck: bool,
+    /// Messages whose confirm failed with the channel's closing error, whose
+    /// publish met the closing channel, or that were not sent after that:
+    /// the broker closes a channel for one message and fails every confirm
+    /// outstanding on it, so the error may be another message's.
+    orphans: Vec<usize>,
 }
 
 impl AmqpTransport {
@@ -381,6 +386,79 @@ impl AmqpTransport {
         }
     }
 
+    /// Returns a channel after a publish, or drops it (closing it) when it
+    /// broke, replacing the connection on the next call when that broke.
+    async fn finish(&self, pooled: Pooled, health: &Health) {
+        if !(health.channel_broken || health.connection_broken || health.recheck) {
+            self.checkin(pooled);
+            return;
+        }
+        let mut link = self.link.lock().await;
+        link.recheck |= health.recheck;
+        // Replace the connection on the next call, unless another call
+        // already replaced the one this call used.
+        let replaced = pooled.generation != self.generation.load(Ordering::Acquire)
+            && link
+                .connection
+                .as_ref()
+                .is_some_and(|c| c.status().connected());
+        if health.connection_broken && !replaced {
+            tracing::warn!(
+                "outbox-amqp: connection lost or unresponsive; reconnecting on the next publish"
+            );
+            link.connection = None;
+            drop(link);
+            self.new_generation();
+        }
+    }
+
+    /// Gives each orphan of a closed channel its own verdict: publishes it
+    /// alone on a fresh channel, so that the message that made the broker
+    /// close the channel fails with that error and the others are published
+    /// (one that had reached a queue before the close is published twice,
+    /// under its id). Without a connection to do it on, an orphan that was
+    /// sent fails transiently (its error may have been another message's)
+    /// and one that was not stays unsent.
+    async fn isolate(
+        &self,
+        messages: &[Message],
+        orphans: &[usize],
+        results: &mut [Option<PublishResult>],
+    ) {
+        // Whether a fresh channel cannot be had (the connection broke).
+        let mut down = false;
+        for &i in orphans {
+            let Some(m) = messages.get(i) else { continue };
+            let shared = match results.get_mut(i) {
+                Some(slot @ Some(Err(_))) => slot,
+                _ => continue,
+            };
+            if !down {
+                if let Ok(pooled) = self.checkout().await {
+                    let mut own = [None];
+                    let mut health = Health::default();
+                    self.publish_on(&pooled, std::slice::from_ref(m), &mut own, &mut health)
+                        .await;
+                    down = health.connection_broken;
+                    self.finish(pooled, &health).await;
+                    if let [Some(result)] = own {
+                        *shared = Some(result);
+                        continue;
+                    }
+                } else {
+                    down = true;
+                }
+            }
+            if let Some(Err(e)) = shared
+                .as_ref()
+                .filter(|r| !r.as_ref().is_err_and(Error::is_unsent))
+            {
+                let text = format!("the channel closed before the confirm: {}", e.message());
+                *shared = Some(Err(AmqpError::Channel(text).into()));
+            }
+        }
+    }
+
     /// Publishes the whole batch on one channel, pipelined.
     async fn publish_on(
         &self,
@@ -397,6 +475,7 @@ impl AmqpTransport {
             if let Some(e) = &broken {
                 // Not sent: the channel broke on an earlier message.
                 results[i] = Some(Err(e.clone().during("publish").unsent()));
+                health.orphans.push(i);
                 continue;
             }
             let (exchange, routing_key) = self.config.route_for(&m.topic);
@@ -446,6 +525,7 @@ impl AmqpTransport {
                     health.channel_broken = true;
                     health.connection_broken |= matches!(mapped, AmqpError::Connection(_));
                     health.recheck |= AmqpError::lapin_not_found(&e);
+                    health.orphans.push(i);
                     results[i] = Some(Err(mapped.clone().into()));
                     broken = Some(mapped);
                 }
@@ -528,6 +608,7 @@ fn record_confirm(
             health.channel_broken = true;
             health.connection_broken |= matches!(mapped, AmqpError::Connection(_));
             health.recheck |= AmqpError::lapin_not_found(&e);
+            health.orphans.push(i);
             Err(mapped.into())
         }
         Err(_) => {
@@ -566,28 +647,13 @@ impl Transport for AmqpTransport {
         let mut health = Health::default();
         self.publish_on(&pooled, messages, &mut results, &mut health)
             .await;
-
-        if health.channel_broken || health.connection_broken || health.recheck {
-            // The channel is not returned to the pool: dropping it closes it.
-            let mut link = self.link.lock().await;
-            link.recheck |= health.recheck;
-            // Replace the connection on the next call, unless another call
-            // already replaced the one this call used.
-            let replaced = pooled.generation != self.generation.load(Ordering::Acquire)
-                && link
-                    .connection
-                    .as_ref()
-                    .is_some_and(|c| c.status().connected());
-            if health.connection_broken && !replaced {
-                tracing::warn!(
-                    "outbox-amqp: connection lost or unresponsive; reconnecting on the next publish"
-                );
-                link.connection = None;
-                drop(link);
-                self.new_generation();
-            }
-        } else {
-            self.checkin(pooled);
+        let orphans = std::mem::take(&mut health.orphans);
+        // A missing exchange (404) is not one message's fault: the
+        // exchanges are checked again on the next call instead.
+        let isolate = messages.len() > 1 && !orphans.is_empty() && !health.recheck;
+        self.finish(pooled, &health).await;
+        if isolate {
+            self.isolate(messages, &orphans, &mut results).await;
         }
 
         results

@@ -419,3 +419,101 @@ async fn connect_errors_say_transient_or_permanent_and_hide_the_password() {
     let debug = format!("{t:?}");
     assert!(debug.contains("guest:***@"), "{debug}");
 }
+
+/// Runs `rabbitmqctl` (the tests run on the broker's machine, as root in CI).
+fn rabbitmqctl(args: &[&str]) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A broker user, deleted when dropped.
+struct User(String);
+
+impl Drop for User {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_user", &self.0])
+            .output();
+    }
+}
+
+/// RabbitMQ closes the channel when one message breaks a rule (here a
+/// topic permission: 403 for its routing key) and fails every confirm still
+/// outstanding on it with that error. Only the message that broke the rule
+/// fails (permanently); the others on the channel are published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_message_fails_alone_not_the_others_on_its_channel() {
+    if !outbox_core::testing::require_service("rabbitmq", AMQP_ADDR) {
+        return;
+    }
+    let u = unique();
+    let exchange = format!("outbox-refused-{u}");
+    let queue = format!("refused-{u}");
+    let _cleanup = Cleanup {
+        exchanges: vec![exchange.clone()],
+        queues: vec![queue.clone()],
+    };
+    let user = User(format!("outbox-refused-{u}"));
+    rabbitmqctl(&["add_user", &user.0, "secret"]);
+    rabbitmqctl(&["set_permissions", "-p", "/", &user.0, ".*", ".*", ".*"]);
+    rabbitmqctl(&[
+        "set_topic_permissions",
+        "-p",
+        "/",
+        &user.0,
+        &exchange,
+        "^allowed\\.",
+        ".*",
+    ]);
+    let t = AmqpTransport::connect(
+        AmqpConfig::builder(format!("amqp://{}:secret@127.0.0.1:5672/%2f", user.0))
+            .exchange(&exchange)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let (_conn, ch) = channel().await;
+    bind_queue(
+        &ch,
+        &queue,
+        &exchange,
+        "allowed.#",
+        true,
+        FieldTable::default(),
+    )
+    .await;
+    let batch: Vec<Message> = (0..40)
+        .map(|i| {
+            let topic = if i == 20 { "forbidden.x" } else { "allowed.x" };
+            message(topic, i)
+        })
+        .collect();
+    let results = t.publish_batch(&batch).await;
+    for (i, r) in results.iter().enumerate() {
+        if i == 20 {
+            let e = r.as_ref().unwrap_err();
+            assert!(!e.is_transient(), "{e}");
+            assert_eq!(e.kind(), ErrorKind::Unauthorized, "{e}");
+        } else {
+            assert!(r.is_ok(), "message {i}: {r:?}");
+        }
+    }
+    let got = drain(&ch, &queue, Duration::from_millis(500)).await;
+    let mut ids: Vec<String> = got
+        .iter()
+        .map(|d| d.properties.message_id().as_ref().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 39, "every allowed message is queued");
+    // The transport still works afterwards.
+    assert!(t.publish(&message("allowed.y", 99)).await.is_ok());
+}
