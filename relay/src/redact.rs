@@ -18,33 +18,7 @@ pub fn redact_url(url: &str) -> String {
 /// the values of secret-looking query options. Both the raw and the
 /// percent-decoded forms are returned, so that either can be scrubbed.
 pub fn url_secrets(url: &str) -> Vec<String> {
-    let scheme = url.find("://").map_or("", |i| &url[..i]);
-    let lone_secret = outbox_core::redact::bare_userinfo_is_token(scheme);
-    let mut found = Vec::new();
-    let rest = url.find("://").map_or(url, |i| &url[i + 3..]);
-    let before_query = rest.split(['?', '#']).next().unwrap_or("");
-    for part in before_query.split(',') {
-        let part = part.find("://").map_or(part, |i| &part[i + 3..]);
-        let authority = part.split('/').next().unwrap_or("");
-        if let Some(at) = authority.rfind('@') {
-            let userinfo = &authority[..at];
-            match userinfo.split_once(':') {
-                Some((_, password)) => found.push(password.to_string()),
-                None if lone_secret => found.push(userinfo.to_string()),
-                None => {}
-            }
-        }
-    }
-    if let Some(q) = rest.split_once('?').map(|(_, q)| q) {
-        let q = q.split('#').next().unwrap_or("");
-        for pair in q.split('&') {
-            if let Some((k, v)) = pair.split_once('=') {
-                if is_secret_key(k) {
-                    found.push(v.to_string());
-                }
-            }
-        }
-    }
+    let mut found = outbox_core::redact::secrets(url);
     let decoded: Vec<String> = found.iter().map(|s| percent_decode(s)).collect();
     found.extend(decoded);
     found.retain(|s| s.len() >= 2);
@@ -135,6 +109,13 @@ mod tests {
         assert_eq!(
             scrub("failed for p@ss and zz", &s),
             "failed for *** and ***"
+        );
+        // A password that breaks the URL syntax is found as well.
+        let s = url_secrets("redis://u:pa#ss/x@h:6379");
+        assert!(s.contains(&"pa#ss/x".to_string()), "{s:?}");
+        assert_eq!(
+            scrub("url redis://u:pa#ss/x@h:6379 is invalid", &s),
+            "url redis://u:***@h:6379 is invalid"
         );
     }
 
