@@ -98,9 +98,22 @@ impl TableName {
         format!("{}{suffix}", self.name)
     }
 
-    /// A name usable as a LISTEN/NOTIFY channel.
+    /// A name usable as a LISTEN/NOTIFY channel: `<schema>_<table>_wakeup`,
+    /// or, where that passes PostgreSQL's 63 bytes (which `pg_notify`
+    /// refuses and `LISTEN` cuts short), its first 38 bytes and a hash of
+    /// all of it.
     pub fn channel(&self) -> String {
-        format!("{}_wakeup", self.qualified("").replace('.', "_"))
+        let full = format!("{}_wakeup", self.qualified("").replace('.', "_"));
+        if full.len() <= 63 {
+            return full;
+        }
+        // FNV-1a: the same in every process and version, as the enqueue
+        // side and the relay must agree on it.
+        let hash = full.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let start = full.get(..38).unwrap_or(&full);
+        format!("{start}_{hash:016x}_wakeup")
     }
 }
 
@@ -164,5 +177,25 @@ mod tests {
         assert_eq!(t.qualified("_partitions"), "app.events_partitions");
         assert_eq!(t.local("_pending"), "events_pending");
         assert_eq!(t.channel(), "app_events_wakeup");
+    }
+
+    #[test]
+    fn long_names_get_a_channel_within_63_bytes() {
+        let long = format!("{}.{}", "s".repeat(40), "t".repeat(40));
+        let a = TableName::parse(&long).unwrap().channel();
+        assert!(a.len() <= 63, "{a}");
+        assert!(
+            a.starts_with(&"s".repeat(38)) && a.ends_with("_wakeup"),
+            "{a}"
+        );
+        assert_eq!(a, TableName::parse(&long).unwrap().channel(), "stable");
+        let other = format!("{}.{}u", "s".repeat(40), "t".repeat(39));
+        assert_ne!(a, TableName::parse(&other).unwrap().channel());
+        // Exactly 63 bytes keeps the plain name.
+        let edge = format!("{}.{}", "s".repeat(15), "t".repeat(40));
+        assert_eq!(
+            TableName::parse(&edge).unwrap().channel(),
+            format!("{}_{}_wakeup", "s".repeat(15), "t".repeat(40))
+        );
     }
 }

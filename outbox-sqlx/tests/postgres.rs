@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{fresh, pool, PgHarness};
+use common::{fresh, fresh_named, pool, PgHarness};
 use outbox_core::testing::{store_conformance, RecordingTransport};
 use outbox_core::{ErrorKind, Message, Relay};
 use outbox_sqlx::{Outbox, StoreConfig};
@@ -212,7 +212,9 @@ async fn retention_keeps_delivered_rows_then_purges_them_in_batches() {
 async fn notify_wakes_the_relay_and_the_listener_reconnects() {
     use std::time::Duration;
     let Some(pool) = pool(5).await else { return };
-    let (store, outbox) = fresh(&pool, StoreConfig::default()).await;
+    // The longest table name: `<schema>_<table>_wakeup` passes PostgreSQL's
+    // 63 bytes for a channel, so the store shortens it.
+    let (store, outbox) = fresh_named(&pool, StoreConfig::default(), &"o".repeat(40)).await;
     let outbox = outbox.notify(true);
     let rec = RecordingTransport::new();
     let relay = Relay::builder(Arc::new(store), Arc::new(rec.clone()))

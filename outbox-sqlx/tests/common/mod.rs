@@ -60,7 +60,12 @@ async fn sweep(pool: &PgPool) {
 
 /// A migrated store in a fresh schema, and its enqueue side.
 pub async fn fresh(pool: &PgPool, config: StoreConfig) -> (PgStore, Outbox) {
-    let table = format!("{}.outbox", unique("t"));
+    fresh_named(pool, config, "outbox").await
+}
+
+/// [`fresh`] with the table named `name` (in a fresh schema).
+pub async fn fresh_named(pool: &PgPool, config: StoreConfig, name: &str) -> (PgStore, Outbox) {
+    let table = format!("{}.{name}", unique("t"));
     let config = config.table(&table).unwrap();
     let store = PgStore::with_config(pool.clone(), config);
     store.migrate().await.unwrap();
