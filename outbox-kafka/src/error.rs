@@ -45,6 +45,10 @@ pub(crate) enum KafkaError {
         within: Duration,
         detail: String,
     },
+    /// Not sent: every broker connection is down and none answered a
+    /// metadata request (the relay hands the message back uncounted).
+    #[error("not sent: no broker is reachable ({0})")]
+    Unreachable(String),
 }
 
 /// How a librdkafka error code is classified: the kind and whether a retry
@@ -123,6 +127,7 @@ impl KafkaError {
             KafkaError::Canceled => (ErrorKind::Other, true),
             KafkaError::ReportTimeout(_) => (ErrorKind::Timeout, true),
             KafkaError::Flush(_) => (ErrorKind::Timeout, true),
+            KafkaError::Unreachable(_) => (ErrorKind::Connection, true),
             // Refused credentials stay refused; anything else (down,
             // unreachable, not answering) may pass.
             KafkaError::Connect { code, .. } => match code.map(|c| classify(c, false)) {
@@ -143,7 +148,12 @@ impl From<KafkaError> for outbox_core::Error {
         } else {
             outbox_core::Error::permanent(kind, message)
         };
-        error.with_backend(BACKEND).with_operation(operation)
+        let error = error.with_backend(BACKEND).with_operation(operation);
+        if matches!(e, KafkaError::Unreachable(_)) {
+            error.unsent()
+        } else {
+            error
+        }
     }
 }
 

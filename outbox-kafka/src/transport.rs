@@ -1,13 +1,15 @@
 //! [`KafkaTransport`]: publishes outbox messages with an idempotent
 //! librdkafka producer (`enable.idempotence=true`, `acks=all`).
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::future::join_all;
 use outbox_core::{wire, Message, PublishResult, Transport};
-use rdkafka::config::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, FromClientConfigAndContext};
 use rdkafka::error::KafkaError as RdKafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -43,7 +45,29 @@ const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(10);
 pub struct KafkaTransport {
     config: KafkaConfig,
     client_config: ClientConfig,
-    producer: Mutex<FutureProducer>,
+    producer: Mutex<WatchedProducer>,
+    /// Set when librdkafka reports every broker connection down; cleared
+    /// when a broker answers again.
+    all_down: Arc<AtomicBool>,
+}
+
+type WatchedProducer = FutureProducer<Watch>;
+
+/// The producer's client context: notes when librdkafka reports every
+/// broker connection down, so that the transport sends nothing until a
+/// broker answers (messages queued meanwhile would each fail after
+/// `delivery_timeout` and use up an attempt).
+struct Watch {
+    all_down: Arc<AtomicBool>,
+}
+
+impl ClientContext for Watch {
+    fn error(&self, error: RdKafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.all_down.store(true, Ordering::Release);
+        }
+        tracing::warn!(backend = BACKEND, %error, reason, "librdkafka error");
+    }
 }
 
 impl std::fmt::Debug for KafkaTransport {
@@ -100,11 +124,13 @@ impl KafkaTransport {
     pub fn new(config: KafkaConfig) -> outbox_core::Result<Self> {
         config.validate()?;
         let client_config = client_config(&config);
-        let producer = create_producer(&client_config)?;
+        let all_down = Arc::new(AtomicBool::new(false));
+        let producer = create_producer(&client_config, &all_down)?;
         Ok(KafkaTransport {
             config,
             client_config,
             producer: Mutex::new(producer),
+            all_down,
         })
     }
 
@@ -113,7 +139,7 @@ impl KafkaTransport {
         &self.config
     }
 
-    fn producer(&self) -> FutureProducer {
+    fn producer(&self) -> WatchedProducer {
         self.producer
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -122,12 +148,12 @@ impl KafkaTransport {
 
     /// Replaces the producer after a fatal error (unless another call has
     /// replaced it already).
-    fn replace_producer(&self, broken: &FutureProducer) {
+    fn replace_producer(&self, broken: &WatchedProducer) {
         let mut current = self.producer.lock().unwrap_or_else(PoisonError::into_inner);
         if !std::ptr::eq(current.client().native_ptr(), broken.client().native_ptr()) {
             return;
         }
-        match create_producer(&self.client_config) {
+        match create_producer(&self.client_config, &self.all_down) {
             Ok(fresh) => {
                 tracing::warn!(
                     backend = BACKEND,
@@ -141,11 +167,38 @@ impl KafkaTransport {
         }
     }
 
+    /// While every broker connection is down, asks for metadata (up to
+    /// `connect_timeout`): a broker that answers clears the mark, otherwise
+    /// the call sends nothing (the error's detail).
+    async fn reachable(&self, producer: &WatchedProducer) -> Result<(), String> {
+        if !self.all_down.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let within = self.config.connect_timeout;
+        let probe = producer.clone();
+        // librdkafka's metadata call blocks its thread.
+        let answered = tokio::task::spawn_blocking(move || {
+            probe
+                .client()
+                .fetch_metadata(None, Timeout::After(within))
+                .map(|_| ())
+        })
+        .await;
+        match answered {
+            Ok(Ok(())) => {
+                self.all_down.store(false, Ordering::Release);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// Queues one record, waiting while librdkafka's local queue is full
     /// (at most `delivery_timeout`).
     async fn enqueue(
         &self,
-        producer: &FutureProducer,
+        producer: &WatchedProducer,
         topic: &str,
         message: &Message,
         rename: bool,
@@ -204,9 +257,14 @@ fn client_config(config: &KafkaConfig) -> ClientConfig {
     c
 }
 
-fn create_producer(config: &ClientConfig) -> outbox_core::Result<FutureProducer> {
-    config
-        .create::<FutureProducer>()
+fn create_producer(
+    config: &ClientConfig,
+    all_down: &Arc<AtomicBool>,
+) -> outbox_core::Result<WatchedProducer> {
+    let watch = Watch {
+        all_down: all_down.clone(),
+    };
+    WatchedProducer::from_config_and_context(config, watch)
         .map_err(|e| KafkaError::Client(e).into())
 }
 
@@ -247,6 +305,12 @@ impl Transport for KafkaTransport {
         }
         let producer = self.producer();
         let auto_create = self.config.auto_create_topics;
+        if let Err(detail) = self.reachable(&producer).await {
+            return messages
+                .iter()
+                .map(|_| Err(KafkaError::Unreachable(detail.clone()).into()))
+                .collect();
+        }
 
         // Queue everything in input order, then await all reports.
         let mut pending = Vec::with_capacity(messages.len());

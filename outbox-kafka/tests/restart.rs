@@ -2,9 +2,9 @@
 //!
 //! "None lost" here: the mock cluster keeps its log while a broker is down,
 //! so every message must end up in the topic. The publisher behaves like a
-//! relay: messages that fail (transiently: delivery timeout while the broker
-//! is away) are published again until every one is acknowledged; a consumer
-//! then must see every message id at least once.
+//! relay: messages that fail (transiently: a delivery timeout, or not sent
+//! while no broker answers) are published again until every one is
+//! acknowledged; a consumer then must see every message id at least once.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -75,7 +75,10 @@ async fn broker_down_and_up_mid_run_loses_nothing() {
         errors.len(),
         errors.first().map(ToString::to_string)
     );
-    assert!(!errors.is_empty(), "the outage made some publishes fail");
+    // Messages queued before librdkafka noticed the outage fail after the
+    // delivery timeout; later calls wait for a broker to answer (up to
+    // `connect_timeout`) and otherwise send nothing: every error is
+    // transient.
     assert!(errors.iter().all(|e| e.is_transient()));
 
     let ids: Vec<_> = all.iter().map(|m| m.id).collect();
@@ -94,4 +97,57 @@ async fn broker_down_and_up_mid_run_loses_nothing() {
         records.len() - seen.len()
     );
     kafka.flush().await.unwrap();
+}
+
+/// While every broker is down, a publish sends nothing and says so
+/// (`is_unsent`, so the relay hands the messages back uncounted instead of
+/// letting each fail after `delivery_timeout` and use up an attempt); once a
+/// broker is back, publishes go through again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_every_broker_is_down_nothing_is_sent_and_the_errors_say_so() {
+    let cluster = MockCluster::new(1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let topic = unique("down");
+    cluster.create_topic(&topic, 1, 1).unwrap();
+    let kafka = transport(&bootstrap, |b| {
+        b.delivery_timeout(Duration::from_millis(1000))
+            .connect_timeout(Duration::from_millis(500))
+            .property("reconnect.backoff.ms", "50")
+            .property("reconnect.backoff.max.ms", "200")
+    });
+    publish_until_acknowledged(&kafka, vec![message(&topic, 0)], Duration::from_secs(30)).await;
+
+    cluster.broker_down(1).unwrap();
+    // Messages queued before librdkafka noticed fail after the delivery
+    // timeout like any attempt; then the transport stops sending.
+    let start = Instant::now();
+    let unsent = loop {
+        let batch: Vec<Message> = (1..=10).map(|i| message(&topic, i)).collect();
+        let results = kafka.publish_batch(&batch).await;
+        if results
+            .iter()
+            .all(|r| r.as_ref().is_err_and(|e| e.is_unsent()))
+        {
+            break results;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "publishes never said unsent: {results:?}"
+        );
+    };
+    let e = unsent[0].as_ref().unwrap_err();
+    assert!(e.is_transient(), "{e}");
+    assert_eq!(e.kind(), outbox_core::ErrorKind::Connection, "{e}");
+    println!("unsent after {:?}: {e}", start.elapsed());
+
+    cluster.broker_up(1).unwrap();
+    let back = Instant::now();
+    let errors =
+        publish_until_acknowledged(&kafka, vec![message(&topic, 11)], Duration::from_secs(30))
+            .await;
+    println!(
+        "published again {:?} after the broker came back ({} failed tries)",
+        back.elapsed(),
+        errors.len()
+    );
 }
