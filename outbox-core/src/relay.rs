@@ -169,6 +169,9 @@ impl Default for RelayConfig {
     }
 }
 
+/// The longest duration a relay setting may have.
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
 impl RelayConfig {
     fn check(&self) -> Result<()> {
         let bad =
@@ -184,6 +187,22 @@ impl RelayConfig {
         }
         if self.min_poll_interval.is_zero() {
             return bad("min_poll_interval must be more than zero");
+        }
+        // Longer makes no sense and would overflow clocks and SQL intervals.
+        let durations = [
+            ("lease", self.lease),
+            ("poll_interval", self.poll_interval),
+            ("min_poll_interval", self.min_poll_interval),
+            ("shutdown_timeout", self.shutdown_timeout),
+            ("stats_interval", self.stats_interval),
+            ("retry's cap", self.retry.cap),
+            ("store_retry's cap", self.store_retry.cap),
+            ("transport_retry's cap", self.transport_retry.cap),
+        ];
+        for (name, d) in durations {
+            if d > MAX_DURATION {
+                return bad(&format!("{name} must be at most 7 days"));
+            }
         }
         if self.max_attempts == 0 {
             return bad("max_attempts must be at least 1");
@@ -1356,7 +1375,7 @@ async fn detached<T: Send + 'static>(
 /// little after the store's time, so the row is due).
 fn schedule(next_retry: &mut Option<Instant>, delay: Option<Duration>) {
     if let Some(delay) = delay {
-        let due = Instant::now() + delay + Duration::from_millis(5);
+        let due = Instant::now() + delay.min(MAX_DURATION) + Duration::from_millis(5);
         *next_retry = Some(next_retry.map_or(due, |t| t.min(due)));
     }
 }

@@ -1216,3 +1216,52 @@ async fn one_unreachable_broker_holds_back_only_its_own_messages() {
     running.stop().await;
     assert_eq!(store.pending(), 0);
 }
+
+/// Settings out of range are refused when the relay is built (a typed
+/// configuration error), never met later as a panic or an SQL overflow.
+#[test]
+fn settings_out_of_range_are_config_errors() {
+    let week = Duration::from_secs(7 * 24 * 3600);
+    let build = |f: &dyn Fn(outbox_core::RelayBuilder) -> outbox_core::RelayBuilder| {
+        f(Relay::builder(
+            Arc::new(MemoryStore::new()),
+            Arc::new(RecordingTransport::new()),
+        ))
+        .build()
+    };
+    let refused: [(
+        &str,
+        &dyn Fn(outbox_core::RelayBuilder) -> outbox_core::RelayBuilder,
+    ); 7] = [
+        ("batch_size", &|b| b.batch_size(0)),
+        ("lease", &|b| b.lease(Duration::from_millis(5))),
+        ("lease", &|b| b.lease(week + Duration::from_secs(1))),
+        ("poll_interval", &|b| b.poll_interval(Duration::MAX)),
+        ("retry", &|b| {
+            b.retry(RetryPolicy::exponential(
+                Duration::from_secs(1),
+                2.0,
+                Duration::MAX,
+            ))
+        }),
+        ("transport_retry", &|b| {
+            b.transport_retry(RetryPolicy::exponential(
+                Duration::from_secs(1),
+                2.0,
+                Duration::MAX,
+            ))
+        }),
+        ("max_attempts", &|b| b.max_attempts(0)),
+    ];
+    for (name, f) in refused {
+        let e = build(f).err().unwrap_or_else(|| panic!("{name} accepted"));
+        assert_eq!(e.kind(), outbox_core::ErrorKind::Config, "{e}");
+        assert!(e.to_string().contains(name), "{e}");
+    }
+    assert!(build(&|b| b.lease(week).retry(RetryPolicy::exponential(
+        Duration::from_secs(1),
+        2.0,
+        week
+    )))
+    .is_ok());
+}

@@ -568,7 +568,9 @@ impl MySqlStore {
             .unzip();
         if !messages.is_empty() {
             owners.update(owner, |s| {
-                s.outstanding = Some((token, started + request.lease))
+                // Checked: a store called directly may get any lease.
+                let until = started.checked_add(request.lease).unwrap_or(started);
+                s.outstanding = Some((token, until))
             });
             let rows = messages.iter().map(|m| m.id).zip(seqs).collect();
             // Every claim stamps its token here: the stamp is the token.
@@ -580,7 +582,10 @@ impl MySqlStore {
             lease: Lease {
                 owner: request.owner.clone(),
                 token: FencingToken(token),
-                expires_at: SystemTime::from(now.and_utc()) + request.lease,
+                expires_at: {
+                    let now = SystemTime::from(now.and_utc());
+                    now.checked_add(request.lease).unwrap_or(now)
+                },
             },
             messages,
             // Which tables other transactions are writing is not cheap to

@@ -1257,9 +1257,9 @@ impl PgStore {
             .and_then(|u| (u - now).to_std().ok())
             .map_or(request.lease, |d| d.min(request.lease));
         if !messages.is_empty() {
-            self.inner
-                .owners
-                .update(owner, |s| s.outstanding = Some((token, started + left)));
+            self.inner.owners.update(owner, |s| {
+                s.outstanding = Some((token, started.checked_add(left).unwrap_or(started)))
+            });
             let rows = messages.iter().map(|m| m.id).zip(seqs).collect();
             let stamp = stamp.and_then(|s| u64::try_from(s).ok()).unwrap_or(0);
             self.inner.held.hold(owner, token, stamp, rows, ahead);
@@ -1268,7 +1268,10 @@ impl PgStore {
             lease: Lease {
                 owner: request.owner.clone(),
                 token: FencingToken(token),
-                expires_at: SystemTime::from(now) + left,
+                expires_at: {
+                    let now = SystemTime::from(now);
+                    now.checked_add(left).unwrap_or(now)
+                },
             },
             messages,
             incoming: incoming.unwrap_or(false),
