@@ -15,7 +15,7 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
 use outbox_core::message::CONTENT_TYPE;
-use outbox_core::wire::{ID_HEADER, KEY_HEADER};
+use outbox_core::wire::{ID_HEADER, KEY_HEADER, TOPIC_HEADER};
 use outbox_core::{Error, Message, PublishResult, Transport};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 
@@ -326,13 +326,22 @@ impl AmqpTransport {
 
     /// Properties of one message: persistent, message id, content type,
     /// type, correlation id and headers.
-    fn properties(m: &Message) -> Result<BasicProperties, AmqpError> {
+    /// The message's properties; `routing_key` is where it goes (the topic
+    /// unless a route sets another, which then adds `outbox-topic`).
+    fn properties(m: &Message, routing_key: &str) -> Result<BasicProperties, AmqpError> {
         let id = m.id.to_string();
         let mut table = FieldTable::default();
         for (name, value) in &m.headers {
             let key = ShortString::try_new(name.as_str())
                 .map_err(|_| AmqpError::InvalidHeader(name.clone()))?;
             table.insert(key, AMQPValue::LongString(LongString::from(value.as_str())));
+        }
+        // A router that renamed the topic already named the original.
+        if routing_key != m.topic && !m.headers.contains_key(TOPIC_HEADER) {
+            table.insert(
+                ShortString::from(TOPIC_HEADER),
+                AMQPValue::LongString(LongString::from(m.topic.as_str())),
+            );
         }
         table.insert(
             ShortString::from(ID_HEADER),
@@ -483,7 +492,7 @@ impl AmqpTransport {
                 results[i] = Some(Err(problem.clone().into()));
                 continue;
             }
-            let prepared = Self::properties(m).and_then(|props| {
+            let prepared = Self::properties(m, routing_key).and_then(|props| {
                 let ex = ShortString::try_new(exchange).map_err(|_| {
                     AmqpError::InvalidInput(format!("exchange name {exchange:?} is too long"))
                 })?;
@@ -677,7 +686,7 @@ mod tests {
             .header("x-trace", "t")
             .build()
             .unwrap();
-        let p = AmqpTransport::properties(&m).unwrap();
+        let p = AmqpTransport::properties(&m, "orders.placed").unwrap();
         assert_eq!(p.delivery_mode(), &Some(2));
         assert_eq!(p.message_id().as_ref().unwrap().as_str(), m.id.to_string());
         assert_eq!(
@@ -690,11 +699,22 @@ mod tests {
         assert!(h.contains_key("x-trace"));
         assert!(h.contains_key(ID_HEADER));
         assert!(h.contains_key(KEY_HEADER));
+        assert!(
+            !h.contains_key(TOPIC_HEADER),
+            "the routing key is the topic"
+        );
+        let p = AmqpTransport::properties(&m, "eu.orders").unwrap();
+        let h = p.headers().as_ref().unwrap().inner();
+        assert_eq!(
+            h.get(TOPIC_HEADER),
+            Some(&AMQPValue::LongString(LongString::from("orders.placed"))),
+            "a route replaced the routing key: the topic travels in a header"
+        );
         let long = Message::builder("t", &b"x"[..])
             .header("type", "t".repeat(300))
             .build()
             .unwrap();
-        let p = AmqpTransport::properties(&long).unwrap();
+        let p = AmqpTransport::properties(&long, "t").unwrap();
         assert!(p.kind().is_none());
         assert!(p.headers().as_ref().unwrap().contains_key("type"));
     }

@@ -314,7 +314,14 @@ impl Transport for Router {
                 for &i in idx {
                     let mut m = messages[i].clone();
                     if let Some(r) = rename {
-                        m.topic = r.apply(&m.topic);
+                        let renamed = r.apply(&m.topic);
+                        if renamed != m.topic {
+                            // The consumer may want the topic it was written to.
+                            let original = std::mem::replace(&mut m.topic, renamed);
+                            m.headers
+                                .entry(crate::wire::TOPIC_HEADER.to_string())
+                                .or_insert(original);
+                        }
                         if let Err(e) = validate_topic(&m.topic) {
                             results[i] = Some(Err(Error::permanent(
                                 ErrorKind::InvalidInput,

@@ -122,6 +122,12 @@ async fn rename_changes_the_published_topic_only() {
     assert_eq!(got[1].topic, "audit-log");
     assert_eq!(got[2].topic, "legacy_thing");
     assert_eq!(got.len(), 3);
+    // The topic it was written to travels in the `outbox-topic` header.
+    let original: Vec<&str> = got
+        .iter()
+        .map(|m| m.headers[outbox_core::wire::TOPIC_HEADER].as_str())
+        .collect();
+    assert_eq!(original, ["orders.placed", "audit.a.b", "legacy.thing"]);
 }
 
 #[tokio::test]

@@ -273,7 +273,8 @@ fn headers(id: &str, message: &Message, rename: bool) -> OwnedHeaders {
         key: wire::ID_HEADER,
         value: Some(id.as_bytes()),
     });
-    if rename {
+    // A router that renamed the topic already named the original.
+    if rename && !message.headers.contains_key(wire::TOPIC_HEADER) {
         h = h.insert(Header {
             key: wire::TOPIC_HEADER,
             value: Some(message.topic.as_bytes()),

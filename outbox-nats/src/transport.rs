@@ -185,7 +185,8 @@ impl NatsTransport {
         if let Some(key) = &m.key {
             headers.insert(KEY, value_of(KEY_HEADER, key)?);
         }
-        if subject.as_str() != m.topic {
+        // A router that renamed the topic already named the original.
+        if subject.as_str() != m.topic && !m.headers.contains_key(TOPIC_HEADER) {
             headers.insert(TOPIC, value_of(TOPIC_HEADER, &m.topic)?);
         }
         if self.jetstream.is_some() {

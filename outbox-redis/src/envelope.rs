@@ -68,10 +68,9 @@ struct MetaIn {
 pub(crate) fn wire_headers(message: &Message, renamed: bool) -> std::borrow::Cow<'_, Headers> {
     if renamed {
         let mut h = message.headers.clone();
-        h.insert(
-            outbox_core::wire::TOPIC_HEADER.to_string(),
-            message.topic.clone(),
-        );
+        // A router that renamed the topic already named the original.
+        h.entry(outbox_core::wire::TOPIC_HEADER.to_string())
+            .or_insert_with(|| message.topic.clone());
         std::borrow::Cow::Owned(h)
     } else {
         std::borrow::Cow::Borrowed(&message.headers)
