@@ -1,5 +1,13 @@
 //! Limits every message is checked against, chosen so that any supported
-//! broker can carry a message that passes.
+//! broker accepts each part of a message that passes (topic, key, header
+//! names and values). The whole message must also fit the broker's message
+//! size, which these limits do not add up to: NATS counts headers in its
+//! `max_payload` (1 MiB by default) and librdkafka sends at most
+//! `message.max.bytes` (1,000,000 bytes by default). A message over the
+//! broker's size fails to publish with a permanent
+//! [`TooLarge`](crate::ErrorKind::TooLarge) error and is dead-lettered;
+//! lower [`DEFAULT_MAX_PAYLOAD`] with `Outbox::max_payload` (outbox-sqlx) to
+//! refuse such messages at enqueue instead.
 
 /// Longest topic in bytes (Kafka's topic-name limit is 249).
 pub const MAX_TOPIC_LEN: usize = 249;

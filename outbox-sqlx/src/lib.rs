@@ -174,6 +174,18 @@ fn statements(messages: &[Message]) -> Vec<&[Message]> {
         .collect()
 }
 
+/// `text` cut to [`outbox_core::MAX_ERROR_TEXT`] bytes at a character
+/// boundary (the relay cuts it already; a store called directly may get
+/// more, and MySQL's `last_error` is a `TEXT` column: 65,535 bytes).
+#[cfg(any(feature = "mysql", feature = "sqlite"))]
+pub(crate) fn bounded(text: &str) -> &str {
+    let mut end = text.len().min(outbox_core::MAX_ERROR_TEXT);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.get(..end).unwrap_or(text)
+}
+
 /// Consecutive ranges of `sizes`, each of at least one item and at most
 /// `rows` items, and past its first item at most `bytes` in all.
 pub(crate) fn runs(

@@ -26,11 +26,11 @@ use tokio::sync::Notify;
 use tracing::debug;
 
 use crate::error::db_error;
+use crate::{bounded, runs, to_settle};
 use crate::{
     empty_claim, headers_from_json, sealed, Enqueue, Held, Outbox, Owners, StoreConfig, TableName,
     PARTITIONS,
 };
-use crate::{runs, to_settle};
 
 const ENGINE: &str = "mysql";
 
@@ -312,17 +312,6 @@ const MAX_PARAMETERS: usize = 65_535;
 /// default on MariaDB).
 const ERRORS_PER_STATEMENT: usize = 1_000;
 
-/// `text` cut to [`outbox_core::MAX_ERROR_TEXT`] bytes at a character
-/// boundary (the relay cuts it already; a store called directly may get
-/// more, and `last_error` is a `TEXT` column: 65,535 bytes).
-fn bounded(text: &str) -> &str {
-    let mut end = text.len().min(outbox_core::MAX_ERROR_TEXT);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text.get(..end).unwrap_or(text)
-}
-
 /// The relay-side store on MySQL / MariaDB. Cheap to clone. A claim hands
 /// out at most [`MAX_CLAIM`] rows.
 #[derive(Clone)]
@@ -559,13 +548,9 @@ impl MySqlStore {
                 now = r.try_get("now").map_err(err("claim"))?;
             }
         }
+        let decoded = self.decode_or_bury(&mut tx, &rows).await?;
         tx.commit().await.map_err(err("claim"))?;
-        let (seqs, messages): (Vec<i64>, Vec<Message>) = rows
-            .iter()
-            .map(Self::row_to_message)
-            .collect::<Result<Vec<_>>>()?
-            .into_iter()
-            .unzip();
+        let (seqs, messages): (Vec<i64>, Vec<Message>) = decoded.into_iter().unzip();
         if !messages.is_empty() {
             owners.update(owner, |s| {
                 // Checked: a store called directly may get any lease.
@@ -592,6 +577,61 @@ impl MySqlStore {
             // read here (MariaDB lists only waited-for locks).
             incoming: false,
         })
+    }
+
+    /// Decodes claimed rows. A row another program wrote that cannot be
+    /// decoded (an `id` that is not a UUID) would fail every claim of its
+    /// owner for good: it is dead-lettered instead, in the claim's
+    /// transaction, and later rows of its key wait for the next claim
+    /// (behind it, with `hold_dead_letters`, until it is requeued).
+    async fn decode_or_bury(
+        &self,
+        tx: &mut MySqlConnection,
+        rows: &[MySqlRow],
+    ) -> Result<Vec<(i64, Message)>> {
+        let t = self.table();
+        let mut decoded = Vec::with_capacity(rows.len());
+        let mut buried: Vec<(i64, Option<String>)> = Vec::new();
+        for row in rows {
+            match Self::row_to_message(row) {
+                Ok(d) => decoded.push(d),
+                Err(e) => {
+                    // Without its seq a row cannot even be named.
+                    let Ok(seq) = row.try_get::<i64, _>("seq") else {
+                        return Err(e);
+                    };
+                    let key: Option<String> = row.try_get("msg_key").unwrap_or(None);
+                    let text = format!("undecodable row: {e}");
+                    sqlx::query(&format!(
+                        "UPDATE {t} SET dead_at = {NOW}, last_error = ? WHERE seq = ?"
+                    ))
+                    .bind(bounded(&text))
+                    .bind(seq)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err("claim"))?;
+                    if self.inner.config.hold_dead_letters && key.is_some() {
+                        sqlx::query(&format!(
+                            "INSERT IGNORE INTO {t}_blocked (key_hash, seq) \
+                             SELECT key_hash, seq FROM {t} WHERE seq = ?"
+                        ))
+                        .bind(seq)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(err("claim"))?;
+                    }
+                    tracing::warn!(table = %t, seq, error = %e, "dead-lettered an undecodable row");
+                    buried.push((seq, key));
+                }
+            }
+        }
+        // Later rows of a buried row's key are not handed out by this claim.
+        decoded.retain(|(seq, m)| {
+            !buried
+                .iter()
+                .any(|(at, key)| key.is_some() && *key == m.key && seq > at)
+        });
+        Ok(decoded)
     }
 
     fn row_to_message(row: &MySqlRow) -> Result<(i64, Message)> {
@@ -927,8 +967,16 @@ impl DeadLetters for MySqlStore {
         .await
         .map_err(err("list_dead"))?;
         rows.iter()
-            .map(|row| {
-                let (_, message) = Self::row_to_message(row)?;
+            .filter_map(|row| match Self::row_to_message(row) {
+                Ok((_, message)) => Some((row, message)),
+                Err(e) => {
+                    // Dead-lettered by a claim as undecodable: only SQL can
+                    // show it (the error names its seq).
+                    tracing::warn!(table = %t, error = %e, "an undecodable dead letter is not listed");
+                    None
+                }
+            })
+            .map(|(row, message)| {
                 let error: Option<String> = row.try_get("last_error").map_err(err("list_dead"))?;
                 let dead_at: NaiveDateTime = row.try_get("dead_at").map_err(err("list_dead"))?;
                 Ok(DeadLetter {

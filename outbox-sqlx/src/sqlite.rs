@@ -246,6 +246,69 @@ impl SqliteStore {
         self.inner.config.table.qualified("")
     }
 
+    /// Decodes claimed rows. A row another program wrote that cannot be
+    /// decoded (an `id` that is not a UUID, a time that is not an integer)
+    /// would fail every claim for good: it is dead-lettered instead, in the
+    /// claim's transaction, and later rows of its key in the claim are
+    /// handed back for the next claim (which holds them behind it with
+    /// `hold_dead_letters`).
+    async fn decode_or_bury(
+        &self,
+        tx: &mut SqliteConnection,
+        rows: &[SqliteRow],
+        now: i64,
+    ) -> Result<Vec<(i64, Message)>> {
+        let t = self.table();
+        let mut decoded = Vec::with_capacity(rows.len());
+        let mut buried: Vec<(i64, Option<String>)> = Vec::new();
+        for row in rows {
+            match Self::row_to_message(row) {
+                Ok(d) => decoded.push(d),
+                Err(e) => {
+                    // Without its seq a row cannot even be named.
+                    let Ok(seq) = row.try_get::<i64, _>("seq") else {
+                        return Err(e);
+                    };
+                    let key: Option<String> = row.try_get("msg_key").unwrap_or(None);
+                    let text = format!("undecodable row: {e}");
+                    sqlx::query(&format!(
+                        "UPDATE {t} SET dead_at = ?1, last_error = ?2, \
+                           lease_owner = NULL, lease_until = NULL, lease_token = NULL \
+                         WHERE seq = ?3"
+                    ))
+                    .bind(now)
+                    .bind(crate::bounded(&text))
+                    .bind(seq)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err("claim"))?;
+                    tracing::warn!(table = %t, seq, error = %e, "dead-lettered an undecodable row");
+                    buried.push((seq, key));
+                }
+            }
+        }
+        // Later rows of a buried row's key go back for the next claim.
+        let behind = |seq: i64, key: &Option<String>| {
+            buried
+                .iter()
+                .any(|(at, k)| k.is_some() && k == key && seq > *at)
+        };
+        for (seq, m) in &decoded {
+            if behind(*seq, &m.key) {
+                sqlx::query(&format!(
+                    "UPDATE {t} SET lease_owner = NULL, lease_until = NULL, lease_token = NULL \
+                     WHERE seq = ?1"
+                ))
+                .bind(seq)
+                .execute(&mut *tx)
+                .await
+                .map_err(err("claim"))?;
+            }
+        }
+        decoded.retain(|(seq, m)| !behind(*seq, &m.key));
+        Ok(decoded)
+    }
+
     fn row_to_message(row: &SqliteRow) -> Result<(i64, Message)> {
         let get = |e: sqlx::Error| db_error(ENGINE, "claim", e);
         let id: String = row.try_get("id").map_err(get)?;
@@ -324,11 +387,8 @@ impl Store for SqliteStore {
             .fetch_all(&mut *tx)
             .await
             .map_err(err("claim"))?;
+        let mut messages = self.decode_or_bury(&mut tx, &rows, now).await?;
         tx.commit().await.map_err(err("claim"))?;
-        let mut messages = rows
-            .iter()
-            .map(Self::row_to_message)
-            .collect::<Result<Vec<_>>>()?;
         messages.sort_by_key(|(seq, _)| *seq);
         Ok(Claim {
             lease: Lease {
@@ -465,8 +525,16 @@ impl DeadLetters for SqliteStore {
         .await
         .map_err(err("list_dead"))?;
         rows.iter()
-            .map(|row| {
-                let (_, message) = Self::row_to_message(row)?;
+            .filter_map(|row| match Self::row_to_message(row) {
+                Ok((_, message)) => Some((row, message)),
+                Err(e) => {
+                    // Dead-lettered by a claim as undecodable: only SQL can
+                    // show it (the error names its seq).
+                    tracing::warn!(table = %t, error = %e, "an undecodable dead letter is not listed");
+                    None
+                }
+            })
+            .map(|(row, message)| {
                 let error: Option<String> = row.try_get("last_error").map_err(err("list_dead"))?;
                 let dead_at: i64 = row.try_get("dead_at").map_err(err("list_dead"))?;
                 Ok(DeadLetter {

@@ -553,3 +553,61 @@ async fn three_relays_keep_order_per_key() {
         assert_eq!(dups, 0);
     }
 }
+
+/// A row another program wrote with an `id` that is not a UUID cannot be
+/// decoded. It is dead-lettered by the claim that meets it (its error says
+/// why) instead of failing every claim of its owner; the other rows flow,
+/// a later row of its key after it, or, with `hold_dead_letters`, held
+/// behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_row_is_dead_lettered_not_a_stuck_claim() {
+    let Some(pool) = pool(4).await else { return };
+    for hold in [false, true] {
+        let (store, outbox) = fresh(&pool, StoreConfig::default().hold_dead_letters(hold)).await;
+        let m = |key: &str| {
+            Message::builder("orders.placed", "x")
+                .key(key)
+                .build()
+                .unwrap()
+        };
+        let (bad, other, after) = (m("k1"), m("k2"), m("k1"));
+        let mut tx = pool.begin().await.unwrap();
+        outbox
+            .enqueue_batch(&mut *tx, &[bad.clone(), other.clone(), after.clone()])
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let t = store.config().table.to_string();
+        sqlx::query(&format!("UPDATE {t} SET id = 'not-a-uuid' WHERE id = ?"))
+            .bind(bad.id.to_string())
+            .execute(&pool)
+            .await
+            .unwrap();
+        let store = Arc::new(store);
+        let rec = outbox_core::testing::RecordingTransport::new();
+        let relay = Relay::builder(store.clone(), Arc::new(rec.clone()))
+            .build()
+            .unwrap();
+        relay.drain().await.unwrap();
+        let published: Vec<MessageId> = rec.messages().iter().map(|m| m.id).collect();
+        let expected = if hold {
+            vec![other.id]
+        } else {
+            vec![other.id, after.id]
+        };
+        assert_eq!(published, expected, "hold_dead_letters {hold}");
+        let (dead, error): (Option<String>, Option<String>) = sqlx::query_as(&format!(
+            "SELECT CAST(dead_at AS CHAR), CAST(last_error AS CHAR) FROM {t} WHERE id = 'not-a-uuid'"
+        ))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert!(dead.is_some(), "dead-lettered");
+        let error = error.unwrap();
+        assert!(error.starts_with("undecodable row:"), "{error}");
+        let listed = outbox_core::DeadLetters::list_dead(&*store, None, 10)
+            .await
+            .unwrap();
+        assert!(listed.is_empty(), "listed without failing: {listed:?}");
+    }
+}

@@ -139,3 +139,77 @@ async fn bad_input_is_refused() {
     assert!(!e.is_transient(), "{e}");
     assert_eq!(count(&pool).await, 0);
 }
+
+/// Rows another program wrote that cannot be decoded (an `id` that is not a
+/// UUID, a `created_at` stored as text) are dead-lettered by the claim that
+/// meets them, with the reason, instead of failing every claim; the other
+/// rows flow, and a later row of such a row's key after it or, with
+/// `hold_dead_letters`, held behind it.
+#[tokio::test]
+async fn undecodable_rows_are_dead_lettered_not_a_stuck_claim() {
+    for hold in [false, true] {
+        let (store, outbox, pool) = fresh(StoreConfig::default().hold_dead_letters(hold)).await;
+        let m = |key: &str| {
+            Message::builder("orders.placed", "x")
+                .key(key)
+                .build()
+                .unwrap()
+        };
+        let (bad_id, bad_time, other, after) = (m("k1"), m("k2"), m("k3"), m("k1"));
+        let mut tx = pool.begin().await.unwrap();
+        outbox
+            .enqueue_batch(
+                &mut *tx,
+                &[
+                    bad_id.clone(),
+                    bad_time.clone(),
+                    other.clone(),
+                    after.clone(),
+                ],
+            )
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let t = store.config().table.to_string();
+        sqlx::query(&format!("UPDATE {t} SET id = 'not-a-uuid' WHERE id = ?"))
+            .bind(bad_id.id.to_string())
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query(&format!(
+            "UPDATE {t} SET created_at = '2026-11-27T10:00:00Z' WHERE id = ?"
+        ))
+        .bind(bad_time.id.to_string())
+        .execute(&pool)
+        .await
+        .unwrap();
+        let store = Arc::new(store);
+        let rec = RecordingTransport::new();
+        let relay = Relay::builder(store.clone(), Arc::new(rec.clone()))
+            .build()
+            .unwrap();
+        relay.drain().await.unwrap();
+        let published: Vec<_> = rec.messages().iter().map(|m| m.id).collect();
+        let expected = if hold {
+            vec![other.id]
+        } else {
+            vec![other.id, after.id]
+        };
+        assert_eq!(published, expected, "hold_dead_letters {hold}");
+        let errors: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT last_error FROM {t} WHERE dead_at IS NOT NULL ORDER BY seq"
+        ))
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors.iter().all(|e| e.starts_with("undecodable row:")),
+            "{errors:?}"
+        );
+        let listed = outbox_core::DeadLetters::list_dead(&*store, None, 10)
+            .await
+            .unwrap();
+        assert!(listed.is_empty(), "listed without failing: {listed:?}");
+    }
+}
