@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusBuilder;
-use outbox_core::{CancellationToken, Relay, RelayId, Router, Transport, WatchedTransport};
+use outbox_core::{
+    CancellationToken, Relay, RelayId, Retention, Router, Transport, WatchedTransport,
+};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
@@ -187,6 +189,17 @@ pub async fn run(config: Config, check: bool) -> Result<(), StartError> {
         })
     };
 
+    // Kept delivered rows older than the window go, once a minute.
+    let retention = match (config.keep_delivered, config.retention) {
+        (true, Some(window)) => {
+            let (store, cancel) = (db.purge(), cancel.child_token());
+            Some(tokio::spawn(async move {
+                Retention::new(window).run(store, cancel).await
+            }))
+        }
+        _ => None,
+    };
+
     info!(
         relay = %relay.id(),
         database = %config.database.redacted(),
@@ -250,6 +263,9 @@ pub async fn run(config: Config, check: bool) -> Result<(), StartError> {
         let _ = h.await;
     }
     let _ = upkeep.await;
+    if let Some(r) = retention {
+        let _ = r.await;
+    }
     // The store's last users go first, so that its LISTEN task ends before
     // the pool closes under it.
     drop(relay);

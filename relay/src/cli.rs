@@ -40,7 +40,8 @@ table, batch_size, lease_ms, poll_interval_ms, min_poll_interval_ms,
 max_attempts, retry_initial_ms, retry_cap_ms, max_in_flight,
 shutdown_timeout_ms, listen (default
 127.0.0.1:9187: GET /metrics, GET /health), log, migrate, relay_id,
-keep_delivered, hold_dead_letters, listen_notify, db_max_connections,
+keep_delivered, retention_ms, hold_dead_letters, listen_notify,
+db_max_connections,
 connect_timeout_ms. See the README for the table.
 
 Exit codes: 0 stopped by SIGINT/SIGTERM (or --check passed), 2 bad

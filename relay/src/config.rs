@@ -70,6 +70,10 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "keep delivered rows instead of deleting them",
     ),
     (
+        "retention_ms",
+        "with keep_delivered: how long delivered rows are kept before they are purged; 0 = never",
+    ),
+    (
         "hold_dead_letters",
         "a dead letter blocks later messages of its key",
     ),
@@ -233,6 +237,9 @@ pub struct Config {
     pub relay_id: Option<String>,
     /// Keep delivered rows.
     pub keep_delivered: bool,
+    /// With `keep_delivered`: how long delivered rows are kept before the
+    /// relay purges them; `None` never purges.
+    pub retention: Option<Duration>,
     /// Dead letters block their key.
     pub hold_dead_letters: bool,
     /// PostgreSQL LISTEN for NOTIFY wakeups.
@@ -266,6 +273,7 @@ impl fmt::Debug for Config {
             .field("migrate", &self.migrate)
             .field("relay_id", &self.relay_id)
             .field("keep_delivered", &self.keep_delivered)
+            .field("retention", &self.retention)
             .field("hold_dead_letters", &self.hold_dead_letters)
             .field("listen_notify", &self.listen_notify)
             .field("db_max_connections", &self.db_max_connections)
@@ -296,6 +304,7 @@ struct FileConfig {
     migrate: Option<bool>,
     relay_id: Option<String>,
     keep_delivered: Option<bool>,
+    retention_ms: Option<u64>,
     hold_dead_letters: Option<bool>,
     listen_notify: Option<bool>,
     db_max_connections: Option<u64>,
@@ -439,6 +448,12 @@ fn ranged<T: TryFrom<u64> + Copy>(
         reason: format!("{what} is too large"),
     })
 }
+
+/// How long kept delivered rows stay by default: 7 days.
+const DEFAULT_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// The longest duration setting, in ms: 7 days (the relay refuses longer).
+const MAX_MS: u64 = 7 * 24 * 3600 * 1000;
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -609,21 +624,21 @@ impl Config {
             s.number("lease_ms", f.lease_ms)?,
             millis(defaults.lease),
             10,
-            u64::MAX,
+            MAX_MS,
             "lease_ms",
         )?;
         let poll_ms = ranged(
             s.number("poll_interval_ms", f.poll_interval_ms)?,
             millis(defaults.poll_interval),
             1,
-            u64::MAX,
+            MAX_MS,
             "poll_interval_ms",
         )?;
         let min_poll_ms = ranged(
             s.number("min_poll_interval_ms", f.min_poll_interval_ms)?,
             millis(defaults.min_poll_interval),
             1,
-            u64::MAX,
+            MAX_MS,
             "min_poll_interval_ms",
         )?;
         let max_attempts = ranged(
@@ -641,14 +656,14 @@ impl Config {
             retry_initial_raw,
             millis(defaults.retry.initial),
             1,
-            u64::MAX,
+            MAX_MS,
             "retry_initial_ms",
         )?;
         let retry_cap = ranged(
             retry_cap_raw,
             millis(defaults.retry.cap),
             1,
-            u64::MAX,
+            MAX_MS,
             "retry_cap_ms",
         )?;
         if retry_cap < retry_initial {
@@ -670,8 +685,16 @@ impl Config {
             s.number("shutdown_timeout_ms", f.shutdown_timeout_ms)?,
             millis(defaults.shutdown_timeout),
             0,
-            u64::MAX,
+            MAX_MS,
             "shutdown_timeout_ms",
+        )?;
+        // Up to ten years: a window that long is for audit, not a mistake.
+        let retention_ms = ranged(
+            s.number("retention_ms", f.retention_ms)?,
+            DEFAULT_RETENTION_MS,
+            0,
+            3_650 * 24 * 3_600 * 1_000,
+            "retention_ms",
         )?;
         let db_max_connections = ranged(
             s.number("db_max_connections", f.db_max_connections)?,
@@ -684,14 +707,14 @@ impl Config {
             s.number("connect_timeout_ms", f.connect_timeout_ms)?,
             5_000u64,
             1,
-            u64::MAX,
+            MAX_MS,
             "connect_timeout_ms",
         )?;
         let unhealthy_ms = ranged(
             s.number("unhealthy_after_ms", f.unhealthy_after_ms)?,
             60_000u64,
             1,
-            u64::MAX,
+            MAX_MS,
             "unhealthy_after_ms",
         )?;
 
@@ -762,6 +785,7 @@ impl Config {
             keep_delivered: s
                 .boolean("keep_delivered", f.keep_delivered)?
                 .unwrap_or(false),
+            retention: (retention_ms > 0).then(|| Duration::from_millis(retention_ms)),
             hold_dead_letters: s
                 .boolean("hold_dead_letters", f.hold_dead_letters)?
                 .unwrap_or(false),

@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox_core::Store;
+use outbox_core::{Purge, Store};
 
 use crate::config::Config;
 use crate::redact::redact_url;
@@ -257,6 +257,18 @@ impl Db {
 
     /// The store, for the relay.
     pub(crate) fn store(&self) -> Arc<dyn Store> {
+        match self {
+            #[cfg(feature = "postgres")]
+            Db::Postgres(s) => Arc::new(s.clone()),
+            #[cfg(feature = "mysql")]
+            Db::MySql(s) => Arc::new(s.clone()),
+            #[cfg(feature = "sqlite")]
+            Db::Sqlite(s) => Arc::new(s.clone()),
+        }
+    }
+
+    /// The store, for purging kept delivered rows.
+    pub(crate) fn purge(&self) -> Arc<dyn Purge> {
         match self {
             #[cfg(feature = "postgres")]
             Db::Postgres(s) => Arc::new(s.clone()),

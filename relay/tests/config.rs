@@ -68,6 +68,7 @@ fn environment_only() {
         ("OUTBOX_RELAY_MIGRATE", "false"),
         ("OUTBOX_RELAY_RELAY_ID", "relay-a"),
         ("OUTBOX_RELAY_KEEP_DELIVERED", "yes"),
+        ("OUTBOX_RELAY_RETENTION_MS", "3600000"),
         ("OUTBOX_RELAY_HOLD_DEAD_LETTERS", "1"),
         ("OUTBOX_RELAY_LISTEN_NOTIFY", "off"),
         ("OUTBOX_RELAY_DB_MAX_CONNECTIONS", "8"),
@@ -103,6 +104,7 @@ fn environment_only() {
     assert!(!c.migrate);
     assert_eq!(c.relay_id.as_deref(), Some("relay-a"));
     assert!(c.keep_delivered);
+    assert_eq!(c.retention, Some(Duration::from_secs(3600)));
     assert!(c.hold_dead_letters);
     assert!(!c.listen_notify);
     assert_eq!(c.db_max_connections, 8);
@@ -130,9 +132,12 @@ fn defaults() {
     assert!(c.migrate);
     assert!(c.relay_id.is_none());
     assert!(!c.keep_delivered);
+    assert_eq!(c.retention, Some(Duration::from_secs(7 * 24 * 3600)));
     assert!(!c.hold_dead_letters);
     assert!(c.listen_notify);
     assert_eq!(c.db_max_connections, 5);
+    let never = with(&[("OUTBOX_RELAY_RETENTION_MS", "0")]).unwrap();
+    assert_eq!(never.retention, None, "0 keeps delivered rows for good");
     assert_eq!(c.connect_timeout, Duration::from_secs(5));
     assert_eq!(c.unhealthy_after, Duration::from_secs(60));
     // Empty values count as unset.
@@ -493,15 +498,19 @@ fn bad_values() {
     );
     assert_eq!(
         err(&[("OUTBOX_RELAY_LEASE_MS", "5")]),
-        "OUTBOX_RELAY_LEASE_MS: lease_ms must be at least 10 (got 5)"
+        "OUTBOX_RELAY_LEASE_MS: lease_ms must be between 10 and 604800000 (got 5)"
+    );
+    assert_eq!(
+        err(&[("OUTBOX_RELAY_RETRY_CAP_MS", "604800001")]),
+        "OUTBOX_RELAY_RETRY_CAP_MS: retry_cap_ms must be between 1 and 604800000 (got 604800001)"
     );
     assert_eq!(
         err(&[("OUTBOX_RELAY_POLL_INTERVAL_MS", "0")]),
-        "OUTBOX_RELAY_POLL_INTERVAL_MS: poll_interval_ms must be at least 1 (got 0)"
+        "OUTBOX_RELAY_POLL_INTERVAL_MS: poll_interval_ms must be between 1 and 604800000 (got 0)"
     );
     assert_eq!(
         err(&[("OUTBOX_RELAY_MIN_POLL_INTERVAL_MS", "0")]),
-        "OUTBOX_RELAY_MIN_POLL_INTERVAL_MS: min_poll_interval_ms must be at least 1 (got 0)"
+        "OUTBOX_RELAY_MIN_POLL_INTERVAL_MS: min_poll_interval_ms must be between 1 and 604800000 (got 0)"
     );
     assert_eq!(
         err(&[
@@ -516,7 +525,7 @@ fn bad_values() {
     );
     assert_eq!(
         err(&[("OUTBOX_RELAY_UNHEALTHY_AFTER_MS", "0")]),
-        "OUTBOX_RELAY_UNHEALTHY_AFTER_MS: unhealthy_after_ms must be at least 1 (got 0)"
+        "OUTBOX_RELAY_UNHEALTHY_AFTER_MS: unhealthy_after_ms must be between 1 and 604800000 (got 0)"
     );
     assert_eq!(
         err(&[("OUTBOX_RELAY_MIGRATE", "maybe")]),
