@@ -189,12 +189,14 @@ pub async fn run(config: Config, check: bool) -> Result<(), StartError> {
         })
     };
 
-    // Kept delivered rows older than the window go, once a minute.
+    // Kept delivered rows older than the window go, once a minute (a
+    // window under a minute: as often as the window, at least 1 s apart).
     let retention = match (config.keep_delivered, config.retention) {
         (true, Some(window)) => {
             let (store, cancel) = (db.purge(), cancel.child_token());
+            let every = window.clamp(Duration::from_secs(1), Duration::from_secs(60));
             Some(tokio::spawn(async move {
-                Retention::new(window).run(store, cancel).await
+                Retention::new(window).every(every).run(store, cancel).await
             }))
         }
         _ => None,

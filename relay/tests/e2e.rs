@@ -390,6 +390,9 @@ fn sqlite_to_redis_streams() {
             ("OUTBOX_RELAY_ROUTES", &routes),
             ("OUTBOX_RELAY_LISTEN", &listen),
             ("OUTBOX_RELAY_POLL_INTERVAL_MS", "100"),
+            // Delivered rows are kept, and purged once older than 1 ms.
+            ("OUTBOX_RELAY_KEEP_DELIVERED", "true"),
+            ("OUTBOX_RELAY_RETENTION_MS", "1"),
         ],
         &dir,
         port,
@@ -413,6 +416,21 @@ fn sqlite_to_redis_streams() {
     let (status, metrics) = http_get(port, "/metrics").unwrap();
     assert_eq!(status, 200);
     assert!(metrics.contains("outbox_published_total"), "{metrics}");
+    // The kept row is purged by the relay's retention (every second here).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: i64 = rt
+            .block_on(sqlx::query_scalar("SELECT count(*) FROM outbox_messages").fetch_one(&pool))
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the delivered row was not purged"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     stop_cleanly(&mut child, &dir);
 
     rt.block_on(pool.close());
