@@ -178,16 +178,25 @@ impl AmqpConfig {
     /// | `OUTBOX_AMQP_CONNECT_TIMEOUT_MS` | `connect_timeout` |
     /// | `OUTBOX_AMQP_UNROUTABLE_IS_TRANSIENT` | `unroutable_is_transient`: true / false |
     /// | `OUTBOX_AMQP_CONNECTION_NAME` | `connection_name` |
+    ///
+    /// A variable under the prefix that is none of these is refused (a
+    /// misspelt name would otherwise be ignored).
     pub fn from_env() -> Result<AmqpConfig, Error> {
+        let names: Vec<String> = std::env::vars_os()
+            .filter_map(|(name, _)| name.into_string().ok())
+            .collect();
+        refuse_unknown(names.iter().map(String::as_str))?;
         Self::from_lookup(|name| std::env::var(name).ok())
     }
 
     /// Reads the same variables from `(name, value)` pairs instead of the
-    /// process environment (every adapter has this form).
+    /// process environment (every adapter has this form); unknown names
+    /// under the prefix are refused, as by [`from_env`](Self::from_env).
     pub fn from_vars(
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<AmqpConfig, Error> {
         let vars: std::collections::HashMap<String, String> = vars.into_iter().collect();
+        refuse_unknown(vars.keys().map(String::as_str))?;
         Self::from_lookup(|name| vars.get(name).cloned())
     }
 
@@ -422,6 +431,31 @@ pub fn redact_url(url: &str) -> String {
     outbox_core::redact::url(url)
 }
 
+/// The variables [`AmqpConfig::from_env`] reads, without the prefix.
+const VARIABLES: &[&str] = &[
+    "CONFIRM_TIMEOUT_MS",
+    "CONNECTION_NAME",
+    "CONNECT_TIMEOUT_MS",
+    "DECLARE_EXCHANGE",
+    "EXCHANGE",
+    "EXCHANGE_KIND",
+    "MAX_IN_FLIGHT",
+    "ROUTES",
+    "UNROUTABLE_IS_TRANSIENT",
+    "URL",
+];
+
+/// Refuses a variable under the prefix that is not one of [`VARIABLES`].
+fn refuse_unknown<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<(), Error> {
+    match outbox_core::settings::unknown_name(ENV_PREFIX, VARIABLES, names) {
+        Some(name) => Err(config_error(format!(
+            "unknown variable {name} (known: {})",
+            VARIABLES.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -487,6 +521,19 @@ mod tests {
         .into_iter()
         .collect();
         let c = AmqpConfig::from_lookup(|k| vars.get(k).map(|v| v.to_string())).unwrap();
+        // from_vars reads the same; a misspelt name under the prefix is refused.
+        let pairs = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        assert_eq!(AmqpConfig::from_vars(pairs.clone()).unwrap(), c);
+        let typo = pairs.chain([(
+            "OUTBOX_AMQP_CONFIRM_TIMEOUT_MSS".to_string(),
+            "1".to_string(),
+        )]);
+        let e = AmqpConfig::from_vars(typo).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config);
+        assert!(
+            e.to_string().contains("OUTBOX_AMQP_CONFIRM_TIMEOUT_MSS"),
+            "{e}"
+        );
         assert_eq!(c.exchange, "events");
         assert!(!c.declare_exchange);
         assert_eq!(c.max_in_flight, 64);

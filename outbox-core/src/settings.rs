@@ -29,9 +29,34 @@ pub fn parse_bool(value: &str) -> Option<bool> {
     }
 }
 
+/// The first of `names` that starts with `prefix` but is not `prefix`
+/// followed by one of `known`: a misspelt variable, which would otherwise
+/// be ignored without a word.
+pub fn unknown_name<'a>(
+    prefix: &str,
+    known: &[&str],
+    names: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    names.into_iter().find(|name| {
+        name.strip_prefix(prefix)
+            .is_some_and(|rest| !known.contains(&rest))
+    })
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_bool;
+    use super::{parse_bool, unknown_name};
+
+    #[test]
+    fn misspelt_names_are_found() {
+        let known = ["URL", "MODE"];
+        let names = ["PATH", "OUTBOX_X_URL", "OUTBOX_X_MDOE", "OUTBOX_Y_Z"];
+        assert_eq!(
+            unknown_name("OUTBOX_X_", &known, names),
+            Some("OUTBOX_X_MDOE")
+        );
+        assert_eq!(unknown_name("OUTBOX_X_", &known, ["OUTBOX_X_URL"]), None);
+    }
 
     #[test]
     fn booleans() {

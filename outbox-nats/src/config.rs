@@ -221,16 +221,25 @@ impl NatsConfig {
     /// | `OUTBOX_NATS_TOKEN` | `token` |
     /// | `OUTBOX_NATS_CREDENTIALS_FILE` | `credentials_file` |
     /// | `OUTBOX_NATS_CLIENT_NAME` | `client_name` |
+    ///
+    /// A variable under the prefix that is none of these is refused (a
+    /// misspelt name would otherwise be ignored).
     pub fn from_env() -> Result<NatsConfig, Error> {
+        let names: Vec<String> = std::env::vars_os()
+            .filter_map(|(name, _)| name.into_string().ok())
+            .collect();
+        refuse_unknown(names.iter().map(String::as_str))?;
         Self::from_lookup(|name| std::env::var(name).ok())
     }
 
     /// Reads the same variables from `(name, value)` pairs instead of the
-    /// process environment (every adapter has this form).
+    /// process environment (every adapter has this form); unknown names
+    /// under the prefix are refused, as by [`from_env`](Self::from_env).
     pub fn from_vars(
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<NatsConfig, Error> {
         let vars: std::collections::HashMap<String, String> = vars.into_iter().collect();
+        refuse_unknown(vars.keys().map(String::as_str))?;
         Self::from_lookup(|name| vars.get(name).cloned())
     }
 
@@ -501,6 +510,34 @@ pub fn redact_url(url: &str) -> String {
     outbox_core::redact::url(url)
 }
 
+/// The variables [`NatsConfig::from_env`] reads, without the prefix.
+const VARIABLES: &[&str] = &[
+    "ACK_TIMEOUT_MS",
+    "CLIENT_NAME",
+    "CONNECT_TIMEOUT_MS",
+    "CREDENTIALS_FILE",
+    "MAX_IN_FLIGHT",
+    "MODE",
+    "STREAM_DUPLICATE_WINDOW_MS",
+    "STREAM_NAME",
+    "STREAM_SUBJECTS",
+    "SUBJECTS",
+    "SUBJECT_PREFIX",
+    "TOKEN",
+    "URL",
+];
+
+/// Refuses a variable under the prefix that is not one of [`VARIABLES`].
+fn refuse_unknown<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<(), Error> {
+    match outbox_core::settings::unknown_name(ENV_PREFIX, VARIABLES, names) {
+        Some(name) => Err(config_error(format!(
+            "unknown variable {name} (known: {})",
+            VARIABLES.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -563,6 +600,13 @@ mod tests {
         .into_iter()
         .collect();
         let c = NatsConfig::from_lookup(|k| vars.get(k).map(|v| v.to_string())).unwrap();
+        // from_vars reads the same; a misspelt name under the prefix is refused.
+        let pairs = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        assert_eq!(NatsConfig::from_vars(pairs.clone()).unwrap(), c);
+        let typo = pairs.chain([("OUTBOX_NATS_ACK_TIMEOUT_MSS".to_string(), "1".to_string())]);
+        let e = NatsConfig::from_vars(typo).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config);
+        assert!(e.to_string().contains("OUTBOX_NATS_ACK_TIMEOUT_MSS"), "{e}");
         assert_eq!(c.mode, NatsMode::Core);
         assert_eq!(c.max_in_flight, 32);
         assert_eq!(c.ack_timeout, Duration::from_millis(1500));
