@@ -34,7 +34,7 @@ pub const FIELD_PAYLOAD: &str = "payload";
 /// A message as a consumer reads it back from a stream entry or a Pub/Sub
 /// message.
 #[non_exhaustive]
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Envelope {
     /// The outbox message id (stable across re-publishes: dedup on it).
     pub id: MessageId,
@@ -44,6 +44,19 @@ pub struct Envelope {
     pub headers: Headers,
     /// The payload bytes.
     pub payload: Bytes,
+}
+
+impl std::fmt::Debug for Envelope {
+    // Payloads can be large or sensitive: Debug shows their size only, as
+    // `Message`'s does.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Envelope")
+            .field("id", &self.id)
+            .field("key", &self.key)
+            .field("headers", &self.headers)
+            .field("payload", &format_args!("{} bytes", self.payload.len()))
+            .finish()
+    }
 }
 
 #[derive(Serialize)]
@@ -183,6 +196,8 @@ mod tests {
         assert_eq!(e.key, m.key);
         assert_eq!(e.headers, m.headers);
         assert_eq!(e.payload, m.payload);
+        let shown = format!("{e:?}");
+        assert!(shown.contains("4 bytes") && !shown.contains("255"), "{shown}");
 
         let keyless = Message::builder("t", Bytes::new()).build().unwrap();
         let bytes = encode_pubsub(&keyless, &keyless.headers).unwrap();
