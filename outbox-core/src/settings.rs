@@ -29,33 +29,44 @@ pub fn parse_bool(value: &str) -> Option<bool> {
     }
 }
 
-/// The first of `names` that starts with `prefix` but is not `prefix`
-/// followed by one of `known`: a misspelt variable, which would otherwise
-/// be ignored without a word.
-pub fn unknown_name<'a>(
+/// Refuses a misspelt variable, which would otherwise be ignored without
+/// a word: the first of `names` that starts with `prefix` but is not
+/// `prefix` followed by one of `known` comes back as a message naming it
+/// and the known ones.
+pub fn refuse_unknown<'a>(
     prefix: &str,
     known: &[&str],
     names: impl IntoIterator<Item = &'a str>,
-) -> Option<&'a str> {
-    names.into_iter().find(|name| {
+) -> Result<(), String> {
+    let unknown = names.into_iter().find(|name| {
         name.strip_prefix(prefix)
             .is_some_and(|rest| !known.contains(&rest))
-    })
+    });
+    match unknown {
+        Some(name) => Err(format!(
+            "unknown variable {name} (known: {})",
+            known.join(", ")
+        )),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_bool, unknown_name};
+    use super::{parse_bool, refuse_unknown};
 
     #[test]
-    fn misspelt_names_are_found() {
+    fn misspelt_names_are_refused() {
         let known = ["URL", "MODE"];
         let names = ["PATH", "OUTBOX_X_URL", "OUTBOX_X_MDOE", "OUTBOX_Y_Z"];
         assert_eq!(
-            unknown_name("OUTBOX_X_", &known, names),
-            Some("OUTBOX_X_MDOE")
+            refuse_unknown("OUTBOX_X_", &known, names),
+            Err("unknown variable OUTBOX_X_MDOE (known: URL, MODE)".to_string())
         );
-        assert_eq!(unknown_name("OUTBOX_X_", &known, ["OUTBOX_X_URL"]), None);
+        assert_eq!(
+            refuse_unknown("OUTBOX_X_", &known, ["OUTBOX_X_URL"]),
+            Ok(())
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use outbox_core::settings::refuse_unknown;
 use outbox_core::{Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 
@@ -228,7 +229,8 @@ impl NatsConfig {
         let names: Vec<String> = std::env::vars_os()
             .filter_map(|(name, _)| name.into_string().ok())
             .collect();
-        refuse_unknown(names.iter().map(String::as_str))?;
+        let names = names.iter().map(String::as_str);
+        refuse_unknown(ENV_PREFIX, VARIABLES, names).map_err(config_error)?;
         Self::from_lookup(|name| std::env::var(name).ok())
     }
 
@@ -239,7 +241,8 @@ impl NatsConfig {
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<NatsConfig, Error> {
         let vars: std::collections::HashMap<String, String> = vars.into_iter().collect();
-        refuse_unknown(vars.keys().map(String::as_str))?;
+        refuse_unknown(ENV_PREFIX, VARIABLES, vars.keys().map(String::as_str))
+            .map_err(config_error)?;
         Self::from_lookup(|name| vars.get(name).cloned())
     }
 
@@ -526,17 +529,6 @@ const VARIABLES: &[&str] = &[
     "TOKEN",
     "URL",
 ];
-
-/// Refuses a variable under the prefix that is not one of [`VARIABLES`].
-fn refuse_unknown<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<(), Error> {
-    match outbox_core::settings::unknown_name(ENV_PREFIX, VARIABLES, names) {
-        Some(name) => Err(config_error(format!(
-            "unknown variable {name} (known: {})",
-            VARIABLES.join(", ")
-        ))),
-        None => Ok(()),
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -197,7 +197,10 @@ mod tests {
         assert_eq!(e.headers, m.headers);
         assert_eq!(e.payload, m.payload);
         let shown = format!("{e:?}");
-        assert!(shown.contains("4 bytes") && !shown.contains("255"), "{shown}");
+        assert!(
+            shown.contains("4 bytes") && !shown.contains("255"),
+            "{shown}"
+        );
 
         let keyless = Message::builder("t", Bytes::new()).build().unwrap();
         let bytes = encode_pubsub(&keyless, &keyless.headers).unwrap();

@@ -174,6 +174,60 @@ fn statements(messages: &[Message]) -> Vec<&[Message]> {
         .collect()
 }
 
+/// A claimed row that could not be decoded (written by another program):
+/// the claim dead-letters it instead of failing for good.
+#[cfg(any(feature = "mysql", feature = "sqlite"))]
+pub(crate) struct Undecodable {
+    pub(crate) seq: i64,
+    pub(crate) key: Option<String>,
+    /// Why, as recorded in `last_error` (at most `MAX_ERROR_TEXT` bytes).
+    pub(crate) error: String,
+}
+
+/// Claimed rows decoded (with their `seq`), and those that could not be.
+#[cfg(any(feature = "mysql", feature = "sqlite"))]
+pub(crate) type Decoded = (Vec<(i64, Message)>, Vec<Undecodable>);
+
+/// Decodes claimed rows with `decode`; a row it fails on is set aside with
+/// its `seq` and key from `seq_key` (one whose `seq` cannot be read fails
+/// the claim: it cannot even be named).
+#[cfg(any(feature = "mysql", feature = "sqlite"))]
+pub(crate) fn decode_rows<R>(
+    rows: &[R],
+    decode: impl Fn(&R) -> outbox_core::Result<(i64, Message)>,
+    seq_key: impl Fn(&R) -> Option<(i64, Option<String>)>,
+) -> outbox_core::Result<Decoded> {
+    let mut decoded = Vec::with_capacity(rows.len());
+    let mut undecodable = Vec::new();
+    for row in rows {
+        match decode(row) {
+            Ok(d) => decoded.push(d),
+            Err(e) => {
+                let Some((seq, key)) = seq_key(row) else {
+                    return Err(e);
+                };
+                let error = bounded(&format!("undecodable row: {e}")).to_string();
+                tracing::warn!(seq, error = %e, "dead-lettering an undecodable outbox row");
+                undecodable.push(Undecodable { seq, key, error });
+            }
+        }
+    }
+    Ok((decoded, undecodable))
+}
+
+/// Whether the row `seq` of `key` comes after an undecodable row of the
+/// same key: the claim does not hand it out (it waits for the next one).
+#[cfg(any(feature = "mysql", feature = "sqlite"))]
+pub(crate) fn behind_undecodable(
+    undecodable: &[Undecodable],
+    seq: i64,
+    key: &Option<String>,
+) -> bool {
+    undecodable
+        .iter()
+        .any(|u| u.key.is_some() && u.key == *key && seq > u.seq)
+}
+
 /// `text` cut to [`outbox_core::MAX_ERROR_TEXT`] bytes at a character
 /// boundary (the relay cuts it already; a store called directly may get
 /// more, and MySQL's `last_error` is a `TEXT` column: 65,535 bytes).

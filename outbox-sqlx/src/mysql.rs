@@ -26,7 +26,7 @@ use tokio::sync::Notify;
 use tracing::debug;
 
 use crate::error::db_error;
-use crate::{bounded, runs, to_settle};
+use crate::{behind_undecodable, bounded, decode_rows, runs, to_settle};
 use crate::{
     empty_claim, headers_from_json, sealed, Enqueue, Held, Outbox, Owners, StoreConfig, TableName,
     PARTITIONS,
@@ -590,47 +590,32 @@ impl MySqlStore {
         rows: &[MySqlRow],
     ) -> Result<Vec<(i64, Message)>> {
         let t = self.table();
-        let mut decoded = Vec::with_capacity(rows.len());
-        let mut buried: Vec<(i64, Option<String>)> = Vec::new();
-        for row in rows {
-            match Self::row_to_message(row) {
-                Ok(d) => decoded.push(d),
-                Err(e) => {
-                    // Without its seq a row cannot even be named.
-                    let Ok(seq) = row.try_get::<i64, _>("seq") else {
-                        return Err(e);
-                    };
-                    let key: Option<String> = row.try_get("msg_key").unwrap_or(None);
-                    let text = format!("undecodable row: {e}");
-                    sqlx::query(&format!(
-                        "UPDATE {t} SET dead_at = {NOW}, last_error = ? WHERE seq = ?"
-                    ))
-                    .bind(bounded(&text))
-                    .bind(seq)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(err("claim"))?;
-                    if self.inner.config.hold_dead_letters && key.is_some() {
-                        sqlx::query(&format!(
-                            "INSERT IGNORE INTO {t}_blocked (key_hash, seq) \
-                             SELECT key_hash, seq FROM {t} WHERE seq = ?"
-                        ))
-                        .bind(seq)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(err("claim"))?;
-                    }
-                    tracing::warn!(table = %t, seq, error = %e, "dead-lettered an undecodable row");
-                    buried.push((seq, key));
-                }
+        let (mut decoded, undecodable) = decode_rows(rows, Self::row_to_message, |row| {
+            let seq = row.try_get::<i64, _>("seq").ok()?;
+            Some((seq, row.try_get("msg_key").unwrap_or(None)))
+        })?;
+        for u in &undecodable {
+            sqlx::query(&format!(
+                "UPDATE {t} SET dead_at = {NOW}, last_error = ? WHERE seq = ?"
+            ))
+            .bind(&u.error)
+            .bind(u.seq)
+            .execute(&mut *tx)
+            .await
+            .map_err(err("claim"))?;
+            if self.inner.config.hold_dead_letters && u.key.is_some() {
+                sqlx::query(&format!(
+                    "INSERT IGNORE INTO {t}_blocked (key_hash, seq) \
+                     SELECT key_hash, seq FROM {t} WHERE seq = ?"
+                ))
+                .bind(u.seq)
+                .execute(&mut *tx)
+                .await
+                .map_err(err("claim"))?;
             }
         }
-        // Later rows of a buried row's key are not handed out by this claim.
-        decoded.retain(|(seq, m)| {
-            !buried
-                .iter()
-                .any(|(at, key)| key.is_some() && *key == m.key && seq > at)
-        });
+        // Later rows of their keys are not handed out by this claim.
+        decoded.retain(|(seq, m)| !behind_undecodable(&undecodable, *seq, &m.key));
         Ok(decoded)
     }
 

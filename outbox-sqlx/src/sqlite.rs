@@ -26,7 +26,10 @@ use sqlx::{Row, SqliteConnection};
 use tokio::sync::Notify;
 
 use crate::error::db_error;
-use crate::{dedupe, headers_from_json, sealed, Enqueue, Outbox, StoreConfig, TableName};
+use crate::{
+    behind_undecodable, decode_rows, dedupe, headers_from_json, sealed, Enqueue, Outbox,
+    StoreConfig, TableName,
+};
 
 const ENGINE: &str = "sqlite";
 
@@ -259,42 +262,26 @@ impl SqliteStore {
         now: i64,
     ) -> Result<Vec<(i64, Message)>> {
         let t = self.table();
-        let mut decoded = Vec::with_capacity(rows.len());
-        let mut buried: Vec<(i64, Option<String>)> = Vec::new();
-        for row in rows {
-            match Self::row_to_message(row) {
-                Ok(d) => decoded.push(d),
-                Err(e) => {
-                    // Without its seq a row cannot even be named.
-                    let Ok(seq) = row.try_get::<i64, _>("seq") else {
-                        return Err(e);
-                    };
-                    let key: Option<String> = row.try_get("msg_key").unwrap_or(None);
-                    let text = format!("undecodable row: {e}");
-                    sqlx::query(&format!(
-                        "UPDATE {t} SET dead_at = ?1, last_error = ?2, \
-                           lease_owner = NULL, lease_until = NULL, lease_token = NULL \
-                         WHERE seq = ?3"
-                    ))
-                    .bind(now)
-                    .bind(crate::bounded(&text))
-                    .bind(seq)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(err("claim"))?;
-                    tracing::warn!(table = %t, seq, error = %e, "dead-lettered an undecodable row");
-                    buried.push((seq, key));
-                }
-            }
+        let (mut decoded, undecodable) = decode_rows(rows, Self::row_to_message, |row| {
+            let seq = row.try_get::<i64, _>("seq").ok()?;
+            Some((seq, row.try_get("msg_key").unwrap_or(None)))
+        })?;
+        for u in &undecodable {
+            sqlx::query(&format!(
+                "UPDATE {t} SET dead_at = ?1, last_error = ?2, \
+                   lease_owner = NULL, lease_until = NULL, lease_token = NULL \
+                 WHERE seq = ?3"
+            ))
+            .bind(now)
+            .bind(&u.error)
+            .bind(u.seq)
+            .execute(&mut *tx)
+            .await
+            .map_err(err("claim"))?;
         }
-        // Later rows of a buried row's key go back for the next claim.
-        let behind = |seq: i64, key: &Option<String>| {
-            buried
-                .iter()
-                .any(|(at, k)| k.is_some() && k == key && seq > *at)
-        };
+        // Later rows of their keys go back for the next claim.
         for (seq, m) in &decoded {
-            if behind(*seq, &m.key) {
+            if behind_undecodable(&undecodable, *seq, &m.key) {
                 sqlx::query(&format!(
                     "UPDATE {t} SET lease_owner = NULL, lease_until = NULL, lease_token = NULL \
                      WHERE seq = ?1"
@@ -305,7 +292,7 @@ impl SqliteStore {
                 .map_err(err("claim"))?;
             }
         }
-        decoded.retain(|(seq, m)| !behind(*seq, &m.key));
+        decoded.retain(|(seq, m)| !behind_undecodable(&undecodable, *seq, &m.key));
         Ok(decoded)
     }
 
