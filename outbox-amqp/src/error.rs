@@ -122,6 +122,12 @@ impl AmqpError {
         }
     }
 
+    /// Whether the broker closed the channel (a soft protocol error).
+    pub(crate) fn lapin_channel_close(e: &lapin::Error) -> bool {
+        matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(amqp.kind(), AMQPErrorKind::Soft(_)))
+    }
+
     /// Whether the broker said "not found" (a missing exchange).
     pub(crate) fn lapin_not_found(e: &lapin::Error) -> bool {
         matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp)

@@ -93,6 +93,9 @@ struct Health {
     /// the broker closes a channel for one message and fails every confirm
     /// outstanding on it, so the error may be another message's.
     orphans: Vec<usize>,
+    /// The broker closed the channel (a soft error such as 403 or 406),
+    /// which one message can cause; a lost connection is nobody's fault.
+    refused: bool,
 }
 
 impl AmqpTransport {
@@ -534,6 +537,7 @@ impl AmqpTransport {
                     health.channel_broken = true;
                     health.connection_broken |= matches!(mapped, AmqpError::Connection(_));
                     health.recheck |= AmqpError::lapin_not_found(&e);
+                    health.refused |= AmqpError::lapin_channel_close(&e);
                     health.orphans.push(i);
                     results[i] = Some(Err(mapped.clone().into()));
                     broken = Some(mapped);
@@ -617,6 +621,7 @@ fn record_confirm(
             health.channel_broken = true;
             health.connection_broken |= matches!(mapped, AmqpError::Connection(_));
             health.recheck |= AmqpError::lapin_not_found(&e);
+            health.refused |= AmqpError::lapin_channel_close(&e);
             health.orphans.push(i);
             Err(mapped.into())
         }
@@ -657,9 +662,11 @@ impl Transport for AmqpTransport {
         self.publish_on(&pooled, messages, &mut results, &mut health)
             .await;
         let orphans = std::mem::take(&mut health.orphans);
-        // A missing exchange (404) is not one message's fault: the
-        // exchanges are checked again on the next call instead.
-        let isolate = messages.len() > 1 && !orphans.is_empty() && !health.recheck;
+        // Only a channel the broker closed can be one message's fault; a
+        // missing exchange (404) is not (the exchanges are checked again on
+        // the next call instead), nor a lost connection.
+        let isolate =
+            messages.len() > 1 && !orphans.is_empty() && health.refused && !health.recheck;
         self.finish(pooled, &health).await;
         if isolate {
             self.isolate(messages, &orphans, &mut results).await;
