@@ -219,6 +219,9 @@ async fn notify_wakes_the_relay_and_the_listener_reconnects() {
     let rec = RecordingTransport::new();
     let relay = Relay::builder(Arc::new(store), Arc::new(rec.clone()))
         .poll_interval(Duration::from_secs(3_600))
+        // No look of its own after work either: only a wakeup can find
+        // the messages.
+        .min_poll_interval(Duration::from_secs(3_600))
         .build()
         .unwrap();
     let running = relay.spawn();
@@ -731,6 +734,9 @@ async fn wake_reaches_a_waiting_relay_and_sends_nothing_otherwise() {
     let rec = slow.recorder().clone();
     let relay = Relay::builder(Arc::new(store), Arc::new(slow))
         .poll_interval(Duration::from_secs(3_600))
+        // No look of its own after work either: only a wakeup can find
+        // the messages.
+        .min_poll_interval(Duration::from_secs(3_600))
         .lease(Duration::from_secs(30))
         .batch_size(200)
         .build()
@@ -782,6 +788,9 @@ async fn wake_loses_no_wakeup_while_the_relay_goes_idle() {
     let rec = slow.recorder().clone();
     let relay = Relay::builder(Arc::new(store), Arc::new(slow))
         .poll_interval(Duration::from_secs(3_600))
+        // No look of its own after work either: only a wakeup can find
+        // the messages.
+        .min_poll_interval(Duration::from_secs(3_600))
         .batch_size(100)
         .build()
         .unwrap();
@@ -903,6 +912,9 @@ async fn a_relay_writes_its_waiting_entry_again_after_listen_reconnects() {
     let rec = transport.recorder().clone();
     let relay = Relay::builder(Arc::new(store), Arc::new(transport))
         .poll_interval(Duration::from_secs(3_600))
+        // No look of its own after work either: only a wakeup can find
+        // the messages.
+        .min_poll_interval(Duration::from_secs(3_600))
         .build()
         .unwrap();
     let running = relay.spawn();

@@ -353,6 +353,9 @@ async fn notify_reaches_every_lane() {
         .batch_size(50)
         .lease(Duration::from_secs(30))
         .poll_interval(Duration::from_secs(3_600))
+        // No look of its own after work either: only a wakeup can find
+        // the messages.
+        .min_poll_interval(Duration::from_secs(3_600))
         .build()
         .unwrap();
     let running = relay.spawn();
