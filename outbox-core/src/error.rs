@@ -253,6 +253,13 @@ pub enum ValidationError {
         /// The configured limit.
         limit: usize,
     },
+    /// A time (`not_before`, `created_at`) is past what every store can
+    /// hold: the end of year 9999 (MySQL's `DATETIME`).
+    #[error("{what} is past the end of year 9999")]
+    TimeOutOfRange {
+        /// Which time.
+        what: &'static str,
+    },
     /// The payload could not be serialised to JSON.
     #[error("payload could not be serialised: {0}")]
     Serialize(String),

@@ -162,6 +162,14 @@ impl Message {
             validate_key(key)?;
         }
         validate_headers(&self.headers)?;
+        for (what, at) in [
+            ("created_at", Some(self.created_at)),
+            ("not_before", self.not_before),
+        ] {
+            if at.is_some_and(|t| t > latest_time()) {
+                return Err(ValidationError::TimeOutOfRange { what });
+            }
+        }
         if self.payload.len() > max_payload {
             return Err(ValidationError::PayloadTooLarge {
                 size: self.payload.len(),
@@ -170,6 +178,13 @@ impl Message {
         }
         Ok(())
     }
+}
+
+/// The latest time a message may carry: the end of year 9999, the most
+/// MySQL's `DATETIME` holds (and far inside what PostgreSQL, SQLite and the
+/// time conversions on the way accept).
+fn latest_time() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799)
 }
 
 /// The header name [`Message::json`] sets.
@@ -225,9 +240,15 @@ impl MessageBuilder {
         self
     }
 
-    /// Delays publishing by `delay` from now.
+    /// Delays publishing by `delay` from now (a delay past the end of year
+    /// 9999 fails [`build`](Self::build)).
     pub fn delay(mut self, delay: Duration) -> Self {
-        self.not_before = SystemTime::now().checked_add(delay);
+        let past_any_store = latest_time() + Duration::from_secs(1);
+        self.not_before = Some(
+            SystemTime::now()
+                .checked_add(delay)
+                .map_or(past_any_store, |t| t.min(past_any_store)),
+        );
         self
     }
 
@@ -402,6 +423,26 @@ fn is_token_char(c: char) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_past_year_9999_are_refused() {
+        use std::time::{Duration, SystemTime};
+        let b = || Message::builder("t", "x").key("k");
+        let far = Duration::from_secs(10u64.pow(13));
+        for built in [
+            b().delay(far).build(),
+            b().delay(Duration::MAX).build(),
+            b().not_before(SystemTime::UNIX_EPOCH + far).build(),
+        ] {
+            assert_eq!(
+                built.unwrap_err(),
+                ValidationError::TimeOutOfRange { what: "not_before" }
+            );
+        }
+        let year = Duration::from_secs(365 * 24 * 3600);
+        let m = b().delay(year).build().unwrap();
+        assert!(m.not_before.is_some_and(|t| t > SystemTime::now()));
+    }
 
     #[test]
     fn builder_validates_and_sets_json_content_type() {

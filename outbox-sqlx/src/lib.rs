@@ -109,6 +109,12 @@ impl Outbox {
     /// Writes `message` into the outbox on the caller's connection or
     /// transaction (`&mut *tx`), so it commits or rolls back with the
     /// business rows. Validation runs before any SQL.
+    ///
+    /// A transient error means: retry the whole transaction, not this
+    /// call. On MySQL a deadlock has already rolled the transaction back,
+    /// and a statement retried on its own would run in autocommit, without
+    /// the business rows (a delayed keyed message refuses to; a plain one
+    /// cannot tell).
     pub async fn enqueue<C>(&self, conn: &mut C, message: &Message) -> Result<MessageId>
     where
         C: Enqueue + ?Sized,

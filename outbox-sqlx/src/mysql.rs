@@ -198,8 +198,24 @@ impl Enqueue for MySqlConnection {
             .filter(|m| m.key.is_some() && m.not_before.is_some())
             .map(|m| m.id.to_string())
             .collect();
-        if delayed.is_empty() || in_transaction(self).await? {
+        if delayed.is_empty() {
             return write(self, &t, messages, &delayed).await;
+        }
+        let open = in_transaction(self).await?;
+        if open {
+            return write(self, &t, messages, &delayed).await;
+        }
+        if sqlx::Connection::is_in_transaction(self) {
+            // sqlx began a transaction here that the server no longer has:
+            // it was rolled back (a deadlock does that on MySQL). Writing
+            // now would commit the message without the caller's rows.
+            return Err(Error::transient(
+                outbox_core::ErrorKind::Database,
+                "the transaction was rolled back on the server (a deadlock?): retry the whole \
+                 transaction, not this statement",
+            )
+            .with_backend(ENGINE)
+            .with_operation("enqueue"));
         }
         // Its row and the entry that holds the key back commit together:
         // a relay that saw the row alone could hand out a later message of

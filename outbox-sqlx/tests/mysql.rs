@@ -374,6 +374,17 @@ async fn a_delayed_keyed_message_and_its_entry_commit_together() {
     outbox.enqueue(&mut *tx, &delayed()).await.unwrap();
     tx.rollback().await.unwrap();
     assert_eq!((count(&pool, &outbox).await, blocked().await), (0, 0));
+    // A transaction the server rolled back under sqlx (as a deadlock does):
+    // the enqueue must not write, and certainly not commit on its own.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("ROLLBACK").execute(&mut *tx).await.unwrap();
+    let e = outbox.enqueue(&mut *tx, &delayed()).await.unwrap_err();
+    assert!(
+        e.is_transient() && e.to_string().contains("retry the whole"),
+        "{e}"
+    );
+    drop(tx);
+    assert_eq!((count(&pool, &outbox).await, blocked().await), (0, 0));
     outbox.enqueue(&mut *conn, &delayed()).await.unwrap();
     assert_eq!((count(&pool, &outbox).await, blocked().await), (1, 1));
     sqlx::query(&format!("DROP TABLE {t}_blocked"))
