@@ -41,7 +41,11 @@ fn classify(e: &sqlx::Error) -> (ErrorKind, bool, String) {
             if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
                 code = my.number().to_string();
             }
-            let (kind, transient) = classify_code(&code);
+            let (mut kind, transient) = classify_code(&code);
+            // SQLite says "no such table" with the generic code 1 only.
+            if code == "1" && db.message().starts_with("no such table") {
+                kind = ErrorKind::Config;
+            }
             (kind, transient, format!("database error {code}"))
         }
         _ => (ErrorKind::Database, false, "database error".into()),

@@ -137,6 +137,11 @@ async fn bad_input_is_refused() {
     let m = Message::builder("t", "x").build().unwrap();
     let e = missing.enqueue(&mut *conn, &m).await.unwrap_err();
     assert!(!e.is_transient(), "{e}");
+    assert_eq!(
+        e.kind(),
+        ErrorKind::Config,
+        "a missing table, as on the servers: {e}"
+    );
     assert_eq!(count(&pool).await, 0);
 }
 

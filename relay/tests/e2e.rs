@@ -593,7 +593,8 @@ fn health_reports_a_failing_transport() {
 #[cfg(feature = "mysql")]
 #[test]
 fn mysql_to_redis_streams() {
-    const MYSQL_URL: &str = "mysql://root@127.0.0.1:3306/test";
+    let mysql_url = std::env::var("OUTBOX_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_string());
     if !require_service("mariadb", "127.0.0.1:3306") || !require_service("redis", REDIS_ADDR) {
         return;
     }
@@ -604,7 +605,7 @@ fn mysql_to_redis_streams() {
     let (dir, port, listen) = scratch("outbox-relay-mysql-");
     let (mut child, _) = start_healthy(
         &[
-            ("OUTBOX_RELAY_DATABASE_URL", MYSQL_URL),
+            ("OUTBOX_RELAY_DATABASE_URL", mysql_url.as_str()),
             ("OUTBOX_RELAY_TABLE", &table),
             ("OUTBOX_RELAY_ROUTES", &routes),
             ("OUTBOX_RELAY_LISTEN", &listen),
@@ -614,7 +615,7 @@ fn mysql_to_redis_streams() {
         port,
     );
 
-    let pool = rt.block_on(sqlx::MySqlPool::connect(MYSQL_URL)).unwrap();
+    let pool = rt.block_on(sqlx::MySqlPool::connect(&mysql_url)).unwrap();
     rt.block_on(
         sqlx::query(&format!(
             "INSERT INTO {table} (id, topic, msg_key, payload, headers, created_at) \
