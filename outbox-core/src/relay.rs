@@ -19,7 +19,9 @@
 //! before it and claims the next one (all three at once, the store calls on
 //! tasks of their own so that the publish's encoding does not hold up their
 //! round trips); a claim taken ahead releases messages of keys that failed
-//! in the two claims before it.
+//! in the two claims before it. A claim taken ahead waits one publish
+//! before its own: after a step that took a quarter of the lease (a slow
+//! broker), it is handed back rather than risk expiring mid-publish.
 //!
 //! Per-key order: a claim is published in waves, the first message of each
 //! key in the first wave, the second in the second, and so on (messages
@@ -657,7 +659,9 @@ impl Relay {
                 State::Publishing { claim, behind } => {
                     idle_wait = self.config.min_poll_interval;
                     hurry_until = Some(Instant::now() + HURRY);
+                    let started = Instant::now();
                     let step = self.step(claim, behind, &cancel).await;
+                    let in_time = self.in_time(started);
                     let mut published = step.published;
                     match &published.unsent {
                         Some(e) => {
@@ -691,7 +695,8 @@ impl Relay {
                         Some(Ok(next))
                             if settled_behind
                                 && !cancel.is_cancelled()
-                                && published.unsent.is_none() =>
+                                && published.unsent.is_none()
+                                && in_time =>
                         {
                             State::Publishing {
                                 claim: next,
@@ -699,8 +704,13 @@ impl Relay {
                             }
                         }
                         Some(Ok(next)) => {
-                            // Stopping, or the broker is unreachable: hand
-                            // the claim back unpublished.
+                            // Stopping, the broker is unreachable, or so slow
+                            // that the claim could outlive its lease: hand
+                            // it back unpublished.
+                            if !in_time {
+                                warn!(relay = %self.id, lease = ?self.config.lease,
+                                    "a publish took a quarter of the lease: the claim taken ahead is handed back");
+                            }
                             if let Ok(r) = self.hand_back(&next, &cancel).await {
                                 total.add(&r);
                             }
@@ -821,7 +831,9 @@ impl Relay {
         let mut claim = self.claim().await?;
         let mut behind: Option<Published> = None;
         while !claim.messages.is_empty() {
+            let started = Instant::now();
             let step = self.step(claim, behind.take(), &never).await;
+            let in_time = self.in_time(started);
             let mut failed = None;
             if let Some((result, _)) = step.behind {
                 match result {
@@ -834,7 +846,8 @@ impl Relay {
                 Some(Ok(next))
                     if !next.messages.is_empty()
                         && failed.is_none()
-                        && published.unsent.is_none() =>
+                        && published.unsent.is_none()
+                        && in_time =>
                 {
                     behind = Some(published);
                     claim = next;
@@ -1239,6 +1252,17 @@ impl Relay {
                 error: error_text(e),
             });
         }
+    }
+
+    /// Whether a claim taken ahead in the step that began at `started` is
+    /// still safe to publish. It is as old as that step, and its publish
+    /// will take about as long again; a store guarantees a claim only half
+    /// its lease (PostgreSQL renews partition leases once half is spent).
+    /// A step that took a quarter of the lease means the broker is slow
+    /// enough that the claim could expire mid-publish and another relay
+    /// publish its rows, and later ones of their keys, meanwhile.
+    fn in_time(&self, started: Instant) -> bool {
+        started.elapsed() < self.config.lease / 4
     }
 
     /// Hands a claim back unpublished.

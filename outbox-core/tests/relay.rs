@@ -1265,3 +1265,59 @@ fn settings_out_of_range_are_config_errors() {
     )))
     .is_ok());
 }
+
+/// A broker so slow that one publish takes over a quarter of the lease: a
+/// claim taken ahead would be as old as one publish when its own began and
+/// could expire before it ended, and another relay could then publish its
+/// rows (and later ones of their keys) meanwhile. The relay hands such a
+/// claim back and claims afresh: with two relays on one store, every
+/// message is published once, in order per key.
+#[tokio::test(start_paused = true)]
+async fn a_claim_taken_ahead_is_not_published_once_it_may_have_expired() {
+    let store = Arc::new(MemoryStore::with_options(
+        StoreOptions::default().claim_ahead(true),
+    ));
+    let messages: Vec<Message> = (0..120)
+        .map(|i| msg(Some(&format!("k{}", i % 6))))
+        .collect();
+    store.enqueue(messages.clone()).unwrap();
+    // Each publish takes 250 ms of a 400 ms lease.
+    let transport = ScriptedTransport::new().slow(Duration::from_millis(250));
+    let relays: Vec<_> = (0..2)
+        .map(|_| {
+            Relay::builder(store.clone(), Arc::new(transport.clone()))
+                .batch_size(12)
+                .lease(Duration::from_millis(400))
+                .build()
+                .unwrap()
+                .spawn()
+        })
+        .collect();
+    let published = transport
+        .recorder()
+        .wait_for(120, Duration::from_secs(120))
+        .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for r in relays {
+        r.stop().await;
+    }
+    let got = transport.recorder().messages();
+    assert_eq!(published, 120);
+    assert_eq!(
+        got.len(),
+        120,
+        "published once each, no claim outlived its lease"
+    );
+    let position: HashMap<MessageId, usize> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.id, i))
+        .collect();
+    let mut last: HashMap<String, usize> = HashMap::new();
+    for m in got {
+        let at = position[&m.id];
+        if let Some(before) = last.insert(m.key.clone().unwrap(), at) {
+            assert!(before < at, "order per key");
+        }
+    }
+}
