@@ -4,7 +4,13 @@ use outbox_core::{Error, ErrorKind};
 
 /// Converts a sqlx error, naming the engine and operation.
 pub(crate) fn db_error(engine: &'static str, operation: &'static str, e: sqlx::Error) -> Error {
-    let (kind, transient, message) = classify(&e);
+    let (mut kind, transient, mut message) = classify(&e);
+    // An enqueue writes unique values only in the id: a unique violation
+    // there is a message id already in the outbox (a re-used id).
+    if operation == "enqueue" && is_unique_violation(&e) {
+        kind = ErrorKind::InvalidInput;
+        message = format!("a message with this id is already in the outbox ({message})");
+    }
     let err = if transient {
         Error::transient(kind, message)
     } else {
@@ -49,6 +55,24 @@ fn classify(e: &sqlx::Error) -> (ErrorKind, bool, String) {
             (kind, transient, format!("database error {code}"))
         }
         _ => (ErrorKind::Database, false, "database error".into()),
+    }
+}
+
+/// A unique constraint refused the row: PostgreSQL 23505, MySQL 1062,
+/// SQLite's primary key or unique extended codes (1555, 2067).
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            if matches!(db.kind(), sqlx::error::ErrorKind::UniqueViolation) {
+                return true;
+            }
+            #[cfg(feature = "mysql")]
+            if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+                return my.number() == 1062;
+            }
+            false
+        }
+        _ => false,
     }
 }
 

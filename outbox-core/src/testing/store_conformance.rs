@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
-use crate::error::Result;
+use crate::error::{ErrorKind, Result};
 use crate::message::{Message, MessageId};
 use crate::store::{
     ClaimRequest, DeadLetters, Failure, Lease, Purge, RelayId, Retry, Selector, Settlement, Store,
@@ -94,6 +94,27 @@ pub async fn store_conformance<H: StoreHarness>(harness: &H) {
     case!(stats_report_the_backlog);
     case!(concurrent_claimers_keep_key_order);
     case!(claim_ahead_when_supported);
+    case!(a_reused_id_is_refused);
+}
+
+/// A message id already in the outbox is refused at enqueue, as invalid
+/// input, and the first message stays as it was.
+async fn a_reused_id_is_refused<H: StoreHarness>(h: &H) {
+    let s = h.store(StoreOptions::default()).await;
+    let first = msg("conf.reuse", Some("k"));
+    h.enqueue(&s, vec![first.clone()]).await.expect("enqueue");
+    let again = Message::builder("conf.reuse", "other")
+        .id(first.id)
+        .build()
+        .expect("message");
+    let e = h
+        .enqueue(&s, vec![again])
+        .await
+        .expect_err("a re-used id is refused");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert!(!e.is_transient(), "{e}");
+    let (_, ids) = claim_ids(&s, "a", 10).await;
+    assert_eq!(ids, vec![first.id], "the first message stays, once");
 }
 
 async fn claims_in_order_up_to_the_limit<H: StoreHarness>(h: &H) {
