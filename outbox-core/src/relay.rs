@@ -30,10 +30,10 @@
 //! store keeps them behind the failed one until its retry.
 //!
 //! An unreachable broker: messages the transport reports
-//! [unsent](Error::unsent) go back to the store without counting an attempt
-//! (after a call that sent none of its messages, the rest of the claim with
-//! them), and the relay settles, then backs off
-//! ([`RelayConfig::transport_retry`]) before it claims again.
+//! [unsent](Error::unsent) are deferred ([`Settlement::deferred`]): they
+//! wait about as long as the outage has lasted
+//! ([`RelayConfig::transport_retry`]) with later messages of their keys
+//! behind them, and count no attempt.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -118,10 +118,13 @@ pub struct RelayConfig {
     pub retry: RetryPolicy,
     /// Backoff while the store itself fails (claim or settle errors).
     pub store_retry: RetryPolicy,
-    /// Backoff while the transport cannot reach its broker (it reports
-    /// messages [unsent](Error::unsent)): the relay hands such messages
-    /// back without counting an attempt and waits this long before its next
-    /// claim, so that an outage of any length dead-letters nothing.
+    /// How long a message the transport could not send (its broker
+    /// unreachable: [unsent](Error::unsent)) waits before it is tried
+    /// again: as long as the outage has lasted so far, between `initial`
+    /// and `cap` (default 250 ms and 30 s). It counts no attempt, so an
+    /// outage of any length dead-letters nothing, and its row steps aside
+    /// meanwhile (later messages of its key wait behind it), so that other
+    /// brokers behind a router keep flowing.
     pub transport_retry: RetryPolicy,
     /// Most messages handed to the transport in one call; larger waves are
     /// published in several calls, one after another (default 1,000).
@@ -159,9 +162,9 @@ impl Default for RelayConfig {
                 Duration::from_secs(10),
             ),
             transport_retry: RetryPolicy::exponential(
-                Duration::from_millis(100),
+                Duration::from_millis(250),
                 2.0,
-                Duration::from_secs(10),
+                Duration::from_secs(30),
             ),
             max_in_flight: 1000,
             shutdown_timeout: Duration::from_secs(10),
@@ -271,7 +274,7 @@ impl RelayBuilder {
         self.config.store_retry = policy;
         self
     }
-    /// Backoff while the transport cannot reach its broker.
+    /// How long messages not sent (the broker unreachable) wait.
     pub fn transport_retry(mut self, policy: RetryPolicy) -> Self {
         self.config.transport_retry = policy;
         self
@@ -315,6 +318,7 @@ impl RelayBuilder {
             config: self.config,
             id: self.id.unwrap_or_else(|| RelayId::generate("relay")),
             signal: self.signal.unwrap_or_default(),
+            outage: Arc::default(),
         })
     }
 }
@@ -413,7 +417,8 @@ fn unsent_error(text: String) -> Error {
 }
 
 fn soonest_retry(settlement: &Settlement) -> Option<Duration> {
-    settlement.retries.iter().map(|r| r.delay).min()
+    let again = settlement.retries.iter().chain(&settlement.deferred);
+    again.map(|r| r.delay).min()
 }
 
 impl State {
@@ -467,6 +472,10 @@ pub struct Relay {
     config: RelayConfig,
     id: RelayId,
     signal: Signal,
+    /// Since when publishes have met an unreachable broker (shared by
+    /// lanes): messages not sent wait about as long as the outage has
+    /// lasted.
+    outage: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
 impl fmt::Debug for Relay {
@@ -537,6 +546,7 @@ impl Relay {
                 },
                 id: RelayId::new(format!("{}/{n}", self.id)),
                 signal: self.signal.clone(),
+                outage: self.outage.clone(),
             })
             .collect();
         // A wakeup from the store or the signal reaches one waiter, but
@@ -579,8 +589,6 @@ impl Relay {
         let mut total = RelayReport::default();
         let mut state = State::Idle;
         let mut store_failures = 0u32;
-        // Claims in a row whose publish found the broker unreachable.
-        let mut transport_failures = 0u32;
         let mut last_stats: Option<Instant> = None;
         // When the soonest retry this relay scheduled falls due: an idle
         // relay wakes then rather than at its next poll.
@@ -663,17 +671,6 @@ impl Relay {
                     let step = self.step(claim, behind, &cancel).await;
                     let in_time = self.in_time(started);
                     let mut published = step.published;
-                    match &published.unsent {
-                        Some(e) => {
-                            transport_failures = transport_failures.saturating_add(1);
-                            if transport_failures == 1 {
-                                warn!(relay = %self.id, error = %e,
-                                    "the transport cannot reach its broker: messages handed back, backing off");
-                            }
-                            published.full = false;
-                        }
-                        None => transport_failures = 0,
-                    }
                     let mut settled_behind = true;
                     if let Some((result, retry)) = step.behind {
                         match result {
@@ -692,21 +689,16 @@ impl Relay {
                             published.full = false;
                             State::Settling(published)
                         }
-                        Some(Ok(next))
-                            if settled_behind
-                                && !cancel.is_cancelled()
-                                && published.unsent.is_none()
-                                && in_time =>
-                        {
+                        Some(Ok(next)) if settled_behind && !cancel.is_cancelled() && in_time => {
                             State::Publishing {
                                 claim: next,
                                 behind: Some(published),
                             }
                         }
                         Some(Ok(next)) => {
-                            // Stopping, the broker is unreachable, or so slow
-                            // that the claim could outlive its lease: hand
-                            // it back unpublished.
+                            // Stopping, or a broker so slow that the claim
+                            // could outlive its lease: hand it back
+                            // unpublished.
                             if !in_time {
                                 warn!(relay = %self.id, lease = ?self.config.lease,
                                     "a publish took a quarter of the lease: the claim taken ahead is handed back");
@@ -737,8 +729,6 @@ impl Relay {
                         schedule(&mut next_retry, published.soonest_retry);
                         if cancel.is_cancelled() {
                             State::Stopping
-                        } else if published.unsent.is_some() {
-                            State::BackingOff(self.config.transport_retry.delay(transport_failures))
                         } else if published.full {
                             State::Claiming
                         } else {
@@ -826,6 +816,16 @@ impl Relay {
     /// its broker (an error that [is unsent](Error::is_unsent)); what it
     /// published is settled first and what it had not is handed back.
     pub async fn drain(&self) -> Result<RelayReport> {
+        let drained = self.drain_claims().await;
+        // Hand the share back on an error too, so that the next run (a new
+        // relay id, say) need not wait for these leases to expire.
+        let left = self.store.leave(&self.id).await;
+        let total = drained?;
+        left?;
+        Ok(total)
+    }
+
+    async fn drain_claims(&self) -> Result<RelayReport> {
         let never = CancellationToken::new();
         let mut total = RelayReport::default();
         let mut claim = self.claim().await?;
@@ -853,14 +853,16 @@ impl Relay {
                     claim = next;
                 }
                 ahead => {
-                    if let Some(Ok(next)) = &ahead {
-                        total.add(&self.hand_back(next, &never).await?);
-                    }
+                    // What was published is settled first: a store error on
+                    // the hand-back must not leave it to be published again.
                     total.add(
                         &self
                             .settle(&published.lease, &published.settlement, &never)
                             .await?,
                     );
+                    if let Some(Ok(next)) = &ahead {
+                        total.add(&self.hand_back(next, &never).await?);
+                    }
                     if let Some(e) = failed {
                         return Err(e);
                     }
@@ -874,7 +876,6 @@ impl Relay {
                 }
             }
         }
-        self.store.leave(&self.id).await?;
         Ok(total)
     }
 
@@ -1057,9 +1058,6 @@ impl Relay {
         };
         let mut batch: Vec<Message> = Vec::new();
         let mut unsent: Option<String> = None;
-        // Whether a transport call sent none of its messages: its broker is
-        // unreachable, so the rest of the claim is not tried.
-        let mut down = false;
         // Rows written by other programs may break the rules a builder
         // enforces: dead-letter those rather than hand them to a broker.
         let mut invalid: HashSet<usize> = HashSet::new();
@@ -1095,15 +1093,6 @@ impl Relay {
                     &batch
                 };
             for chunk in wave_messages.chunks(self.config.max_in_flight) {
-                if down {
-                    for m in chunk {
-                        if let Some(k) = &m.key {
-                            blocked.insert(k.clone());
-                        }
-                        settlement.released.push(m.id);
-                    }
-                    continue;
-                }
                 if cancel.is_some_and(|c| c.is_cancelled()) {
                     settlement.released.extend(chunk.iter().map(|m| m.id));
                     continue;
@@ -1114,19 +1103,22 @@ impl Relay {
                     settlement.released.extend(chunk.iter().map(|m| m.id));
                     continue;
                 };
-                down = results
-                    .iter()
-                    .all(|r| r.as_ref().is_err_and(Error::is_unsent));
+                let delay = self.deferral(&results);
                 for (m, result) in chunk.iter().zip(results) {
                     match result {
                         Ok(()) => settlement.delivered.push(m.id),
                         Err(e) if e.is_unsent() => {
-                            // Not sent, so not an attempt: pending again,
-                            // and later messages of its key wait for it.
+                            // Not sent, so not an attempt: it steps aside for
+                            // a while (other brokers behind a router keep
+                            // flowing), later messages of its key behind it.
                             if let Some(k) = &m.key {
                                 blocked.insert(k.clone());
                             }
-                            settlement.released.push(m.id);
+                            settlement.deferred.push(Retry {
+                                id: m.id,
+                                delay,
+                                error: error_text(&e),
+                            });
                             if unsent.is_none() {
                                 unsent = Some(e.to_string());
                             }
@@ -1146,6 +1138,39 @@ impl Relay {
             blocked,
             unsent,
         }
+    }
+
+    /// How long the messages of a publish that were not sent wait: as long
+    /// as the outage has lasted so far, within `transport_retry`'s initial
+    /// delay and cap (so that after the broker is back they wait at most
+    /// about as long again as it was away). A publish that delivered and
+    /// left nothing unsent ends the outage.
+    fn deferral(&self, results: &[Result<()>]) -> Duration {
+        let unsent = results
+            .iter()
+            .filter(|r| r.as_ref().is_err_and(Error::is_unsent))
+            .count();
+        let mut outage = self.outage.lock().unwrap_or_else(|p| p.into_inner());
+        if unsent == 0 {
+            if results.iter().any(Result::is_ok) {
+                *outage = None;
+            }
+            return Duration::ZERO;
+        }
+        let since = *outage.get_or_insert_with(|| {
+            warn!(relay = %self.id, unsent,
+                "the transport cannot reach its broker: messages wait without using attempts");
+            Instant::now()
+        });
+        drop(outage);
+        metrics::counter!(names::FAILED, "topic" => "(unsent)", "transport" => self.transport.name().to_string(), "error" => "unsent")
+            .increment(unsent as u64);
+        let policy = &self.config.transport_retry;
+        // Never zero: rows due again at once would be claimed in a loop.
+        since
+            .elapsed()
+            .clamp(policy.initial, policy.cap.max(policy.initial))
+            .max(Duration::from_millis(10))
     }
 
     /// Publishes one chunk; `None` when a shutdown gave up waiting for it.

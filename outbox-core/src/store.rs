@@ -135,6 +135,14 @@ pub struct Settlement {
     /// Not attempted (shutdown, or behind a failed message of the same key):
     /// pending again at once, attempts unchanged.
     pub released: Vec<MessageId>,
+    /// Not sent, the broker unreachable ([`Error::is_unsent`]): like
+    /// `retries` (the error recorded, not before the delay, later messages
+    /// of its key held back) but no attempt counted, so an outage of any
+    /// length dead-letters nothing. A store that keeps no attempts
+    /// separately may treat these as retries that do not count.
+    ///
+    /// [`Error::is_unsent`]: crate::Error::is_unsent
+    pub deferred: Vec<Retry>,
 }
 
 impl Settlement {
@@ -144,11 +152,16 @@ impl Settlement {
             && self.retries.is_empty()
             && self.dead.is_empty()
             && self.released.is_empty()
+            && self.deferred.is_empty()
     }
 
     /// How many messages it settles.
     pub fn len(&self) -> usize {
-        self.delivered.len() + self.retries.len() + self.dead.len() + self.released.len()
+        self.delivered.len()
+            + self.retries.len()
+            + self.dead.len()
+            + self.released.len()
+            + self.deferred.len()
     }
 }
 

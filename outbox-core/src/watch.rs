@@ -78,10 +78,14 @@ impl TransportHealth {
     fn record(&self, results: &[PublishResult]) {
         let delivered = results.iter().any(|r| r.is_ok());
         // A permanent error is about the message (too large, rejected
-        // header), not about the broker being reachable.
-        let broken = results
-            .iter()
-            .find_map(|r| r.as_ref().err().filter(|e| e.is_transient()));
+        // header), not about the broker being reachable; one that left the
+        // message unsent (credentials refused on a reconnect) is about the
+        // broker.
+        let broken = results.iter().find_map(|r| {
+            r.as_ref()
+                .err()
+                .filter(|e| e.is_transient() || e.is_unsent())
+        });
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if delivered {
             state.failing_since = None;
@@ -196,6 +200,15 @@ mod tests {
             None,
             "an empty call says nothing"
         );
+    }
+
+    #[test]
+    fn refused_credentials_on_a_reconnect_make_the_broker_unhealthy() {
+        let w = TransportHealth::new("amqp://127.0.0.1:5672".into());
+        let refused =
+            Err(crate::Error::permanent(crate::ErrorKind::Unauthorized, "access refused").unsent());
+        w.record(&[refused]);
+        assert!(w.failing(Duration::ZERO).is_some(), "nothing was sent");
     }
 
     #[test]

@@ -1144,7 +1144,7 @@ async fn a_broker_outage_uses_up_no_attempts_and_dead_letters_nothing() {
 
 /// `drain` stops when the broker cannot be reached: it returns an error
 /// that says the messages were not sent, and hands every claimed row back
-/// (nothing stays leased, no attempt counted).
+/// (nothing stays leased, no attempt counted; they wait `transport_retry`).
 #[tokio::test(start_paused = true)]
 async fn drain_stops_and_hands_back_the_claim_when_the_broker_is_unreachable() {
     let store = Arc::new(MemoryStore::with_options(
@@ -1166,18 +1166,21 @@ async fn drain_stops_and_hands_back_the_claim_when_the_broker_is_unreachable() {
         .is_some_and(|r| r.pending && r.attempts == 0)));
     assert!(relay.relay_once().await.unwrap_err().is_unsent());
     transport.heal();
+    // Messages not sent step aside for `transport_retry` (at most 30 s).
+    tokio::time::sleep(Duration::from_secs(31)).await;
     let report = relay.drain().await.unwrap();
     assert_eq!(report.published, 30);
     assert_eq!(store.pending(), 0);
 }
 
 /// With two brokers behind a router and one of them down, only that
-/// broker's messages wait (handed back uncounted); the other broker's are
-/// published, and nothing is dead-lettered.
+/// broker's messages wait (uncounted); the other broker's are published,
+/// even behind ten claims' worth of the down broker's backlog, and nothing
+/// is dead-lettered.
 #[tokio::test(start_paused = true)]
 async fn one_unreachable_broker_holds_back_only_its_own_messages() {
     let store = Arc::new(MemoryStore::new());
-    let down: Vec<Message> = (0..10)
+    let down: Vec<Message> = (0..200)
         .map(|i| {
             Message::builder("audit.logged", "{}")
                 .key(format!("a{i}"))
@@ -1189,6 +1192,7 @@ async fn one_unreachable_broker_holds_back_only_its_own_messages() {
     store.enqueue(down.iter().chain(&up).cloned()).unwrap();
     let transport = ScriptedTransport::new().unreachable_topic("audit.logged");
     let relay = Relay::builder(store.clone(), Arc::new(transport.clone()))
+        .batch_size(20)
         .max_attempts(1)
         .transport_retry(no_jitter(100, 1_000))
         .build()
@@ -1209,9 +1213,9 @@ async fn one_unreachable_broker_holds_back_only_its_own_messages() {
     assert_eq!(
         transport
             .recorder()
-            .wait_for(20, Duration::from_secs(5))
+            .wait_for(210, Duration::from_secs(5))
             .await,
-        20
+        210
     );
     running.stop().await;
     assert_eq!(store.pending(), 0);

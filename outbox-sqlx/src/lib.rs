@@ -565,6 +565,7 @@ impl Held {
         s.retries.retain(|r| held.contains_key(&r.id));
         s.dead.retain(|f| held.contains_key(&f.id));
         s.released.retain(|id| held.contains_key(id));
+        s.deferred.retain(|r| held.contains_key(&r.id));
         (s, held)
     }
 
@@ -655,7 +656,20 @@ pub(crate) fn dedupe(s: &outbox_core::Settlement) -> outbox_core::Settlement {
             .copied()
             .filter(|id| seen.insert(*id))
             .collect(),
+        deferred: s
+            .deferred
+            .iter()
+            .filter(|r| seen.insert(r.id))
+            .cloned()
+            .collect(),
     }
+}
+
+/// The rows a settlement reschedules, each with the attempts it counts:
+/// retries one, deferred messages (not sent) none.
+pub(crate) fn rescheduled(s: &outbox_core::Settlement) -> Vec<(&outbox_core::Retry, i32)> {
+    let retries = s.retries.iter().map(|r| (r, 1));
+    retries.chain(s.deferred.iter().map(|r| (r, 0))).collect()
 }
 
 #[cfg(test)]

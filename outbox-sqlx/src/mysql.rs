@@ -26,7 +26,7 @@ use tokio::sync::Notify;
 use tracing::debug;
 
 use crate::error::db_error;
-use crate::{behind_undecodable, bounded, decode_rows, runs, to_settle};
+use crate::{behind_undecodable, bounded, decode_rows, rescheduled, runs, to_settle};
 use crate::{
     empty_claim, headers_from_json, sealed, Enqueue, Held, Outbox, Owners, StoreConfig, TableName,
     PARTITIONS,
@@ -811,8 +811,9 @@ impl Store for MySqlStore {
             sql
         };
 
-        if !s.retries.is_empty() {
-            let ids: Vec<String> = s.retries.iter().map(|r| r.id.to_string()).collect();
+        let again = rescheduled(&s);
+        if !again.is_empty() {
+            let ids: Vec<String> = again.iter().map(|(r, _)| r.id.to_string()).collect();
             let block = format!(
                 "INSERT IGNORE INTO {t}_blocked (key_hash, seq) SELECT m.key_hash, m.seq FROM {t} m \
                  WHERE {ours} AND m.msg_key IS NOT NULL AND m.id IN ({})",
@@ -823,20 +824,21 @@ impl Store for MySqlStore {
                 q = q.bind(id);
             }
             q.execute(&mut *tx).await.map_err(err("settle"))?;
-            for part in s.retries.chunks(ERRORS_PER_STATEMENT) {
+            for part in again.chunks(ERRORS_PER_STATEMENT) {
                 let update = format!(
                     "UPDATE {t} m JOIN ({}) x ON m.id = x.id \
-                     SET m.attempts = m.attempts + 1, m.last_error = x.err, \
+                     SET m.attempts = m.attempts + x.attempt, m.last_error = x.err, \
                        m.not_before = {NOW} + INTERVAL x.delay MICROSECOND, {UNLEASE} \
                      WHERE {ours}",
-                    rows_of(part.len(), &["id", "err", "delay"])
+                    rows_of(part.len(), &["id", "err", "delay", "attempt"])
                 );
                 let mut q = sqlx::query(&update);
-                for r in part {
+                for (r, attempt) in part {
                     q = q
                         .bind(r.id.to_string())
                         .bind(bounded(&r.error))
-                        .bind(micros(r.delay));
+                        .bind(micros(r.delay))
+                        .bind(*attempt);
                 }
                 report.rescheduled += q
                     .execute(&mut *tx)

@@ -49,11 +49,11 @@ use tracing::{debug, warn};
 use uuid::Uuid;
 
 use crate::error::db_error;
-use crate::to_settle;
 use crate::{
     empty_claim, headers_from_json, sealed, secs, Enqueue, Held, Outbox, Owners, StoreConfig,
     TableName, PARTITIONS,
 };
+use crate::{rescheduled, to_settle};
 
 mod ahead;
 mod floor;
@@ -900,9 +900,10 @@ impl Sql {
                    WHERE EXISTS (SELECT 1 FROM {t}_blocked) \
                      AND b.msg_key = d.msg_key AND b.seq = d.seq), \
                  r AS ( \
-                   UPDATE {t} t SET attempts = t.attempts + 1, last_error = x.err, \
+                   UPDATE {t} t SET attempts = t.attempts + x.attempt, last_error = x.err, \
                      not_before = now() + make_interval(secs => x.delay) \
-                   FROM unnest($3::uuid[], $4::text[], $5::float8[]) AS x(id, err, delay) \
+                   FROM unnest($3::uuid[], $4::text[], $5::float8[], $10::int4[]) \
+                     AS x(id, err, delay, attempt) \
                    WHERE cardinality($3::uuid[]) > 0 AND t.id = x.id AND t.{ours} AND {pending_t} \
                    RETURNING t.msg_key, t.seq), \
                  rb AS (INSERT INTO {t}_blocked (msg_key, seq) SELECT msg_key, seq FROM r \
@@ -1094,26 +1095,28 @@ impl PgStore {
         let stamp = stamp.map_or(i64::MAX, |s| i64::try_from(s).unwrap_or(i64::MAX));
         let uuids = |ids: &[MessageId]| ids.iter().map(|i| *i.as_uuid()).collect::<Vec<_>>();
         let mut conn = RelayConn::begin(&self.inner, "settle").await?;
+        let again = rescheduled(&s);
         let row = sqlx::query(&self.inner.sql.settle)
             .bind(stamp)
             .bind(uuids(&s.delivered))
             .bind(
-                s.retries
+                again
                     .iter()
-                    .map(|r| *r.id.as_uuid())
+                    .map(|(r, _)| *r.id.as_uuid())
                     .collect::<Vec<_>>(),
             )
             .bind(
-                s.retries
+                again
                     .iter()
-                    .map(|r| r.error.as_str())
+                    .map(|(r, _)| r.error.as_str())
                     .collect::<Vec<_>>(),
             )
-            .bind(s.retries.iter().map(|r| secs(r.delay)).collect::<Vec<_>>())
+            .bind(again.iter().map(|(r, _)| secs(r.delay)).collect::<Vec<_>>())
             .bind(s.dead.iter().map(|f| *f.id.as_uuid()).collect::<Vec<_>>())
             .bind(s.dead.iter().map(|f| f.error.as_str()).collect::<Vec<_>>())
             .bind(uuids(&s.released))
             .bind(owner)
+            .bind(again.iter().map(|(_, n)| *n).collect::<Vec<i32>>())
             .fetch_one(conn.db("settle")?)
             .await
             .map_err(err("settle"))?;
@@ -1484,7 +1487,8 @@ impl Store for PgStore {
         // owner's claims ahead passed, or hold a key (see `ahead`).
         let delivering = settlement.retries.is_empty()
             && settlement.dead.is_empty()
-            && settlement.released.is_empty();
+            && settlement.released.is_empty()
+            && settlement.deferred.is_empty();
         if !delivering {
             self.inner.ahead.reset(lease.owner.as_str());
         }

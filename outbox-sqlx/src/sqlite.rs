@@ -27,8 +27,8 @@ use tokio::sync::Notify;
 
 use crate::error::db_error;
 use crate::{
-    behind_undecodable, decode_rows, dedupe, headers_from_json, sealed, Enqueue, Outbox,
-    StoreConfig, TableName,
+    behind_undecodable, decode_rows, dedupe, headers_from_json, rescheduled, sealed, Enqueue,
+    Outbox, StoreConfig, TableName,
 };
 
 const ENGINE: &str = "sqlite";
@@ -407,7 +407,7 @@ impl Store for SqliteStore {
             format!("DELETE FROM {t} WHERE {ours} AND id IN (SELECT value FROM json_each(?2)) AND ?3 IS NOT NULL")
         };
         let retry = format!(
-            "UPDATE {t} SET attempts = attempts + 1, last_error = x.value->>1, \
+            "UPDATE {t} SET attempts = attempts + (x.value->>3), last_error = x.value->>1, \
                not_before = ?3 + (x.value->>2), {unlease} \
              FROM json_each(?2) x WHERE {t}.id = x.value->>0 AND {t}.{ours}"
         );
@@ -419,13 +419,14 @@ impl Store for SqliteStore {
             "UPDATE {t} SET {unlease} WHERE {ours} AND id IN (SELECT value FROM json_each(?2)) AND ?3 IS NOT NULL"
         );
         let retries = serde_json::Value::Array(
-            s.retries
-                .iter()
-                .map(|r| {
+            rescheduled(&s)
+                .into_iter()
+                .map(|(r, attempt)| {
                     serde_json::json!([
                         r.id.to_string(),
                         r.error,
-                        i64::try_from(r.delay.as_micros()).unwrap_or(i64::MAX)
+                        i64::try_from(r.delay.as_micros()).unwrap_or(i64::MAX),
+                        attempt
                     ])
                 })
                 .collect(),

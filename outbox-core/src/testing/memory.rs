@@ -363,10 +363,11 @@ impl Store for MemoryStore {
                     report.delivered += 1;
                 }
             }
-            for r in &settlement.retries {
+            let counted = settlement.retries.iter().map(|r| (r, 1));
+            for (r, attempt) in counted.chain(settlement.deferred.iter().map(|r| (r, 0))) {
                 if let Some((_, row)) = held(rows, by_id, token, &r.id) {
                     row.lease = None;
-                    row.message.attempts = row.message.attempts.saturating_add(1);
+                    row.message.attempts = row.message.attempts.saturating_add(attempt);
                     row.last_error = Some(r.error.clone());
                     row.due = Some(now + r.delay);
                     report.rescheduled += 1;

@@ -86,6 +86,7 @@ pub async fn store_conformance<H: StoreHarness>(harness: &H) {
     case!(a_delayed_message_holds_back_its_key);
     case!(retry_counts_an_attempt_and_waits);
     case!(release_keeps_attempts);
+    case!(deferred_waits_without_an_attempt_and_holds_its_key);
     case!(dead_letters_list_requeue_discard);
     case!(key_order_under_lease_and_retry);
     case!(dead_letter_unblocks_key_unless_held);
@@ -279,6 +280,39 @@ async fn retry_counts_an_attempt_and_waits<H: StoreHarness>(h: &H) {
     let c = s.claim(&req("a", 10)).await.expect("claim");
     assert_eq!(c.messages.len(), 1);
     assert_eq!(c.messages[0].attempts, 1, "the failed attempt is counted");
+}
+
+/// A message not sent (the broker unreachable) waits like a retry, and
+/// later messages of its key behind it, but no attempt is counted.
+async fn deferred_waits_without_an_attempt_and_holds_its_key<H: StoreHarness>(h: &H) {
+    let s = h.store(StoreOptions::default()).await;
+    let first = msg("conf.defer", Some("k"));
+    let second = msg("conf.defer", Some("k"));
+    h.enqueue(&s, vec![first.clone(), second.clone()])
+        .await
+        .expect("enqueue");
+    let c = s.claim(&req("a", 1)).await.expect("claim");
+    assert_eq!(c.messages.len(), 1);
+    let deferred = Settlement {
+        deferred: vec![Retry {
+            id: first.id,
+            delay: SHORT,
+            error: "broker unreachable".into(),
+        }],
+        ..Default::default()
+    };
+    let r = s.settle(&c.lease, &deferred).await.expect("settle");
+    assert_eq!(r.rescheduled, 1);
+    let (_, none) = claim_ids(&s, "a", 10).await;
+    assert!(
+        none.is_empty(),
+        "it waits for its delay, and the later message of its key behind it"
+    );
+    sleep(SHORT + Duration::from_millis(300)).await;
+    let c = s.claim(&req("a", 1)).await.expect("claim");
+    assert_eq!(c.messages.len(), 1);
+    assert_eq!(c.messages[0].id, first.id, "first in its key again");
+    assert_eq!(c.messages[0].attempts, 0, "no attempt counted");
 }
 
 async fn release_keeps_attempts<H: StoreHarness>(h: &H) {
