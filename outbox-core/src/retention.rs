@@ -48,11 +48,17 @@ impl Retention {
     /// Purges everything past the window now, batch after batch; returns how
     /// many rows it deleted.
     pub async fn purge(&self, store: &dyn Purge) -> Result<u64> {
+        self.purge_until(store, &CancellationToken::new()).await
+    }
+
+    /// [`purge`](Self::purge), stopping between batches once `cancel` fires
+    /// (a first purge of millions of kept rows must not hold up a shutdown).
+    async fn purge_until(&self, store: &dyn Purge, cancel: &CancellationToken) -> Result<u64> {
         let mut total = 0;
         loop {
             let n = store.purge_delivered(self.window, self.batch).await?;
             total += n;
-            if n < self.batch as u64 {
+            if n < self.batch as u64 || cancel.is_cancelled() {
                 return Ok(total);
             }
             // Let other work in between batches.
@@ -64,7 +70,7 @@ impl Retention {
     /// logged and retried at the next round.
     pub async fn run(&self, store: Arc<dyn Purge>, cancel: CancellationToken) {
         loop {
-            match self.purge(store.as_ref()).await {
+            match self.purge_until(store.as_ref(), &cancel).await {
                 Ok(0) => {}
                 Ok(n) => debug!(rows = n, "purged delivered outbox rows"),
                 Err(e) => warn!(error = %e, "purging delivered outbox rows failed"),

@@ -175,7 +175,10 @@ pub async fn run(config: Config, check: bool) -> Result<(), StartError> {
         transports: watches,
         unhealthy_after: config.unhealthy_after,
     });
-    let http = listener.map(|l| tokio::spawn(serve(l, state.clone(), cancel.child_token())));
+    // The HTTP server outlives the relay's stop, so that /health answers
+    // 503 "stopping" and /metrics can be read meanwhile.
+    let http_stop = CancellationToken::new();
+    let http = listener.map(|l| tokio::spawn(serve(l, state.clone(), http_stop.clone())));
     let upkeep = {
         let cancel = cancel.child_token();
         tokio::spawn(async move {
@@ -224,8 +227,8 @@ pub async fn run(config: Config, check: bool) -> Result<(), StartError> {
         r = &mut running => Some(r),
     };
 
-    cancel.cancel();
     state.running.store(false, Ordering::SeqCst);
+    cancel.cancel();
     let outcome = match early_end {
         // `run` only returns after cancellation; ending by itself is a bug.
         Some(Ok(report)) => Err(StartError::Failed(format!(
@@ -261,6 +264,7 @@ pub async fn run(config: Config, check: bool) -> Result<(), StartError> {
             }
         }
     };
+    http_stop.cancel();
     if let Some(h) = http {
         let _ = h.await;
     }
