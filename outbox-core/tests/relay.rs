@@ -33,6 +33,28 @@ fn no_jitter(initial_ms: u64, cap_ms: u64) -> RetryPolicy {
     .with_jitter(0.0)
 }
 
+/// Every enqueued message was published exactly once, and messages of one
+/// key in the order they were enqueued.
+fn assert_once_in_key_order(enqueued: &[Message], published: &[Message]) {
+    let position: HashMap<MessageId, usize> = enqueued
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.id, i))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut last: HashMap<Option<String>, usize> = HashMap::new();
+    for m in published {
+        assert!(seen.insert(m.id), "{} published twice", m.id);
+        let at = position[&m.id];
+        if m.key.is_some() {
+            if let Some(before) = last.insert(m.key.clone(), at) {
+                assert!(before < at, "key {:?}: {at} after {before}", m.key);
+            }
+        }
+    }
+    assert_eq!(seen.len(), enqueued.len(), "every message published");
+}
+
 /// Records when each publish attempt happened and how it ended.
 #[derive(Clone)]
 struct Timed {
@@ -886,12 +908,7 @@ async fn run_under_failures(store: Arc<MemoryStore>, lanes: usize, seed: u64) ->
     let ms: Vec<Message> = (0..600)
         .map(|i| msg(Some(&format!("k{}", i % 12))))
         .collect();
-    let order: HashMap<MessageId, (String, usize)> = ms
-        .iter()
-        .enumerate()
-        .map(|(i, m)| (m.id, (m.key.clone().unwrap(), i)))
-        .collect();
-    store.enqueue(ms).unwrap();
+    store.enqueue(ms.clone()).unwrap();
     let transport = ScriptedTransport::new()
         .fail_randomly(0.2, seed)
         .slow(Duration::from_millis(3));
@@ -913,13 +930,7 @@ async fn run_under_failures(store: Arc<MemoryStore>, lanes: usize, seed: u64) ->
     );
     let report = running.stop().await;
     assert_eq!(report.published, 600);
-    let mut last: HashMap<String, usize> = HashMap::new();
-    for m in transport.recorder().messages() {
-        let (k, pos) = &order[&m.id];
-        if let Some(prev) = last.insert(k.clone(), *pos) {
-            assert!(prev < *pos, "key {k}: {pos} after {prev}");
-        }
-    }
+    assert_once_in_key_order(&ms, &transport.recorder().messages());
     assert_eq!(store.leased(), 0);
     report
 }
@@ -1097,8 +1108,14 @@ async fn a_broker_outage_uses_up_no_attempts_and_dead_letters_nothing() {
         .build()
         .unwrap();
     let running = relay.spawn();
-    // Two minutes down: 2 attempts 10 ms apart would be spent many times over.
-    tokio::time::sleep(Duration::from_secs(120)).await;
+    // Down until the relay has tried ten times: 2 attempts 10 ms apart
+    // would be spent many times over.
+    let down = Instant::now();
+    let deadline = down + Duration::from_secs(300);
+    while transport.calls() < 10 {
+        assert!(Instant::now() < deadline, "the relay stopped trying");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for m in &messages {
         let row = store.row(&m.id).unwrap();
         assert!(
@@ -1108,12 +1125,12 @@ async fn a_broker_outage_uses_up_no_attempts_and_dead_letters_nothing() {
         );
         assert_eq!(row.attempts, 0, "an unsent message is not an attempt");
     }
-    // Backing off: 100 ms doubling to 5 s is about 30 looks in two
-    // minutes, not one per claim.
-    let calls = transport.calls();
+    // Not a hot loop: each wait is as long as the outage so far (100 ms
+    // to 5 s), so ten looks take seconds.
     assert!(
-        (5..=40).contains(&calls),
-        "{calls} publish calls while down"
+        down.elapsed() >= Duration::from_secs(2),
+        "ten looks in {:?}",
+        down.elapsed()
     );
     transport.heal();
     assert_eq!(
@@ -1124,21 +1141,7 @@ async fn a_broker_outage_uses_up_no_attempts_and_dead_letters_nothing() {
         40
     );
     running.stop().await;
-    let mut last: HashMap<String, usize> = HashMap::new();
-    let position: HashMap<MessageId, usize> = messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| (m.id, i))
-        .collect();
-    let published = transport.recorder().messages();
-    assert_eq!(published.len(), 40, "each published once");
-    for m in published {
-        let at = position[&m.id];
-        let key = m.key.clone().unwrap();
-        if let Some(before) = last.insert(key.clone(), at) {
-            assert!(before < at, "key {key} out of order");
-        }
-    }
+    assert_once_in_key_order(&messages, &transport.recorder().messages());
     assert_eq!(store.pending(), 0);
 }
 
@@ -1166,10 +1169,16 @@ async fn drain_stops_and_hands_back_the_claim_when_the_broker_is_unreachable() {
         .is_some_and(|r| r.pending && r.attempts == 0)));
     assert!(relay.relay_once().await.unwrap_err().is_unsent());
     transport.heal();
-    // Messages not sent step aside for `transport_retry` (at most 30 s).
-    tokio::time::sleep(Duration::from_secs(31)).await;
-    let report = relay.drain().await.unwrap();
-    assert_eq!(report.published, 30);
+    // Messages not sent step aside for a while (`transport_retry`): drain
+    // again as they come due.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut published = 0;
+    while published < 30 {
+        assert!(Instant::now() < deadline, "{published} of 30 published");
+        published += relay.drain().await.unwrap().published;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(published, 30);
     assert_eq!(store.pending(), 0);
 }
 
@@ -1205,7 +1214,13 @@ async fn one_unreachable_broker_holds_back_only_its_own_messages() {
             .await,
         10
     );
-    tokio::time::sleep(Duration::from_secs(30)).await;
+    // The down broker's messages are tried again and again meanwhile.
+    let tried = transport.calls() + 10;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while transport.calls() < tried {
+        assert!(Instant::now() < deadline, "the relay stopped trying");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(down.iter().all(|m| store
         .row(&m.id)
         .is_some_and(|r| r.pending && r.attempts == 0)));
@@ -1301,27 +1316,11 @@ async fn a_claim_taken_ahead_is_not_published_once_it_may_have_expired() {
         .recorder()
         .wait_for(120, Duration::from_secs(120))
         .await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(published, 120);
+    // Stopping lets publishes in flight finish: a late duplicate shows.
     for r in relays {
         r.stop().await;
     }
-    let got = transport.recorder().messages();
-    assert_eq!(published, 120);
-    assert_eq!(
-        got.len(),
-        120,
-        "published once each, no claim outlived its lease"
-    );
-    let position: HashMap<MessageId, usize> = messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| (m.id, i))
-        .collect();
-    let mut last: HashMap<String, usize> = HashMap::new();
-    for m in got {
-        let at = position[&m.id];
-        if let Some(before) = last.insert(m.key.clone().unwrap(), at) {
-            assert!(before < at, "order per key");
-        }
-    }
+    // No claim outlived its lease: each published once.
+    assert_once_in_key_order(&messages, &transport.recorder().messages());
 }

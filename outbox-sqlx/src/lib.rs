@@ -221,6 +221,23 @@ pub(crate) fn decode_rows<R>(
     Ok((decoded, undecodable))
 }
 
+/// A dead letter to list with its row, or `None` for one a claim buried as
+/// undecodable: only SQL can show it (its error names its seq).
+#[cfg(any(feature = "mysql", feature = "sqlite"))]
+pub(crate) fn listable<'r, R>(
+    row: &'r R,
+    decoded: outbox_core::Result<(i64, Message)>,
+    table: &str,
+) -> Option<(&'r R, Message)> {
+    match decoded {
+        Ok((_, message)) => Some((row, message)),
+        Err(e) => {
+            tracing::warn!(table, error = %e, "an undecodable dead letter is not listed");
+            None
+        }
+    }
+}
+
 /// Whether the row `seq` of `key` comes after an undecodable row of the
 /// same key: the claim does not hand it out (it waits for the next one).
 #[cfg(any(feature = "mysql", feature = "sqlite"))]

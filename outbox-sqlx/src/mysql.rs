@@ -26,7 +26,7 @@ use tokio::sync::Notify;
 use tracing::debug;
 
 use crate::error::db_error;
-use crate::{behind_undecodable, bounded, decode_rows, rescheduled, runs, to_settle};
+use crate::{behind_undecodable, bounded, decode_rows, listable, rescheduled, runs, to_settle};
 use crate::{
     empty_claim, headers_from_json, sealed, Enqueue, Held, Outbox, Owners, StoreConfig, TableName,
     PARTITIONS,
@@ -970,15 +970,7 @@ impl DeadLetters for MySqlStore {
         .await
         .map_err(err("list_dead"))?;
         rows.iter()
-            .filter_map(|row| match Self::row_to_message(row) {
-                Ok((_, message)) => Some((row, message)),
-                Err(e) => {
-                    // Dead-lettered by a claim as undecodable: only SQL can
-                    // show it (the error names its seq).
-                    tracing::warn!(table = %t, error = %e, "an undecodable dead letter is not listed");
-                    None
-                }
-            })
+            .filter_map(|row| listable(row, Self::row_to_message(row), &t))
             .map(|(row, message)| {
                 let error: Option<String> = row.try_get("last_error").map_err(err("list_dead"))?;
                 let dead_at: NaiveDateTime = row.try_get("dead_at").map_err(err("list_dead"))?;

@@ -27,8 +27,8 @@ use tokio::sync::Notify;
 
 use crate::error::db_error;
 use crate::{
-    behind_undecodable, decode_rows, dedupe, headers_from_json, rescheduled, sealed, Enqueue,
-    Outbox, StoreConfig, TableName,
+    behind_undecodable, decode_rows, dedupe, headers_from_json, listable, rescheduled, sealed,
+    Enqueue, Outbox, StoreConfig, TableName,
 };
 
 const ENGINE: &str = "sqlite";
@@ -513,15 +513,7 @@ impl DeadLetters for SqliteStore {
         .await
         .map_err(err("list_dead"))?;
         rows.iter()
-            .filter_map(|row| match Self::row_to_message(row) {
-                Ok((_, message)) => Some((row, message)),
-                Err(e) => {
-                    // Dead-lettered by a claim as undecodable: only SQL can
-                    // show it (the error names its seq).
-                    tracing::warn!(table = %t, error = %e, "an undecodable dead letter is not listed");
-                    None
-                }
-            })
+            .filter_map(|row| listable(row, Self::row_to_message(row), &t))
             .map(|(row, message)| {
                 let error: Option<String> = row.try_get("last_error").map_err(err("list_dead"))?;
                 let dead_at: i64 = row.try_get("dead_at").map_err(err("list_dead"))?;
